@@ -1,0 +1,1 @@
+"""Plain, typed pipeline steps with thin Prefect task wrappers."""

@@ -1,0 +1,72 @@
+"""Settings from environment variables and ``.env``, read on every call, never at import."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+QUIET_DEFAULTS = {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "GX_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where state lives. Embedded defaults put everything under ``home``."""
+
+    home: Path
+    warehouse_url: str
+    mlflow_tracking_uri: str
+    model_name: str
+
+    @property
+    def parquet_dir(self) -> Path:
+        return self.home / "parquet"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.home / "mlartifacts"
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse ``KEY=VALUE`` lines of a .env file (comments and blank lines ignored)."""
+    if not path.is_file():
+        return {}
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        values[key.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
+    return values
+
+
+def _env() -> dict[str, str]:
+    return {**read_dotenv(Path.cwd() / ".env"), **os.environ}
+
+
+def get_settings() -> Settings:
+    """Resolve settings now from the environment (which wins) and ``./.env``."""
+    env = _env()
+    home = Path(env.get("ATP_HOME", ".atp")).expanduser().resolve()
+    return Settings(
+        home=home,
+        warehouse_url=env.get("ATP_WAREHOUSE_URL") or f"sqlite:///{home / 'warehouse.db'}",
+        mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
+        model_name=env.get("ATP_MODEL_NAME", "anomaly-transformer"),
+    )
+
+
+def apply_quiet_defaults() -> None:
+    """Switch telemetry off and lengthen Prefect's cold-start timeout unless the user chose."""
+    env = _env()
+    for key, value in QUIET_DEFAULTS.items():
+        os.environ.setdefault(key, env.get(key, value))
+    if "MLFLOW_TRACKING_URI" in env:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
