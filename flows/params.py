@@ -1,0 +1,68 @@
+"""Run parameters as pydantic models: validated by Prefect and rendered as forms in its UI."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from model.config import ModelConfig, TrainConfig
+
+
+class ModelParams(BaseModel):
+    """Architecture; defaults are the reference implementation's."""
+
+    win_size: int = Field(100, ge=2)
+    d_model: int = Field(512, ge=1)
+    n_heads: int = Field(8, ge=1)
+    e_layers: int = Field(3, ge=1)
+    d_ff: int = Field(512, ge=1)
+    k: float = Field(3.0, ge=0)
+
+    def to_config(self, n_channels: int) -> ModelConfig:
+        return ModelConfig(n_channels=n_channels, **self.model_dump())
+
+
+class TrainingParams(BaseModel):
+    """Optimisation; defaults follow the reference (Adam 1e-4, batch 256, LR halving)."""
+
+    max_epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    patience: int = Field(3, ge=1)
+    stride: int = Field(1, ge=1)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    def to_config(self) -> TrainConfig:
+        return TrainConfig(**self.model_dump())
+
+
+class CalibrationParams(BaseModel):
+    """Threshold fit on the validation tail of the training range, never on test data."""
+
+    method: Literal["conformal", "quantile"] = "conformal"
+    alpha: float = Field(0.005, gt=0, lt=1)
+
+
+class TrainFlowParams(BaseModel):
+    """Everything a training run needs besides settings from the environment."""
+
+    source: str = "smd"
+    train_end: datetime | None = None
+    scoring_method: Literal["recon_last", "reference_last"] = "recon_last"
+    model: ModelParams = ModelParams()
+    training: TrainingParams = TrainingParams()
+    calibration: CalibrationParams = CalibrationParams()
+    promote: bool = False
+
+
+DEMO_TRAINING = TrainFlowParams(
+    model=ModelParams(d_model=64, n_heads=4, e_layers=2, d_ff=64),
+    training=TrainingParams(max_epochs=3, max_steps=300, batch_size=64, stride=5, lr=1e-3),
+    promote=True,
+)

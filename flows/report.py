@@ -1,0 +1,74 @@
+"""What the CLI prints: flow results as tables, where to look next, and local serving."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tasks.settings import get_settings
+
+console = Console()
+
+
+def _table_of_records(records: list[Any], title: str) -> Table:
+    table = Table(title=title)
+    columns = [f.name for f in dataclasses.fields(records[0])]
+    for column in columns:
+        table.add_column(column)
+    for record in records:
+        table.add_row(*(_cell(getattr(record, column)) for column in columns))
+    return table
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v) for v in value) if len(value) <= 8 else f"{len(value)} items"
+    return "" if value is None else str(value)
+
+
+def print_result(result: Any) -> None:
+    """Render a flow's return value: a dataclass, a list of them, or a status with sub-tables."""
+    if isinstance(result, list) and result and dataclasses.is_dataclass(result[0]):
+        console.print(_table_of_records(result, type(result[0]).__name__))
+        return
+    if not dataclasses.is_dataclass(result):
+        console.print(result)
+        return
+    scalars = Table(title=type(result).__name__, show_header=False)
+    for field in dataclasses.fields(result):
+        value = getattr(result, field.name)
+        if isinstance(value, (list, tuple)) and value and dataclasses.is_dataclass(value[0]):
+            console.print(_table_of_records(list(value), field.name))
+        else:
+            scalars.add_row(field.name, _cell(value))
+    console.print(scalars)
+
+
+def print_demo_epilogue() -> None:
+    """Where to look after the demo: the MLflow UI on the same store, and SQL for the results."""
+    settings = get_settings()
+    console.print("\n[bold]Open the MLflow UI on this store:[/bold]")
+    console.print(
+        f"  .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri} --port 5000"
+    )
+    console.print("\n[bold]Query the results:[/bold]")
+    console.print(f"  warehouse: {settings.warehouse_url}")
+    console.print(
+        "  SELECT entity, ts, score, threshold, p_value, top_sensors FROM anomaly_scores\n"
+        "  WHERE is_anomaly ORDER BY score DESC LIMIT 20;"
+    )
+
+
+def serve_scoring(source: str, *, cron: str, interval: int | None) -> None:
+    """Serve the scoring flow on a schedule from this process (Ctrl-C stops it)."""
+    from flows.scoring import scoring_flow
+
+    schedule: dict[str, Any] = {"interval": interval} if interval else {"cron": cron}
+    scoring_flow.serve(name=f"score-{source}", parameters={"source": source}, **schedule)

@@ -1,0 +1,46 @@
+"""Training flow: validate → window → train → calibrate → evaluate → register (→ promote)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from data_contracts import load_contract
+from flows.params import TrainFlowParams
+from tasks.calibrate import calibrate_task
+from tasks.evaluate import evaluate_model_task
+from tasks.fit import train_model_task
+from tasks.publish import TrainingSummary, publish_task
+from tasks.registry import promote_task
+from tasks.settings import get_settings
+from tasks.windowing import build_dataset_task
+
+
+@flow(name="train", log_prints=True)
+def training_flow(params: TrainFlowParams = TrainFlowParams()) -> TrainingSummary:
+    """Train one model for a source; it becomes the challenger, and champion if ``promote``."""
+    settings = get_settings()
+    contract = load_contract(params.source)
+    run_dir = settings.home / "runs" / params.source
+    dataset = build_dataset_task(
+        settings.warehouse_url,
+        contract,
+        run_dir / "dataset",
+        win_size=params.model.win_size,
+        val_fraction=params.training.val_fraction,
+        train_end=params.train_end,
+    )
+    trained = train_model_task(
+        dataset,
+        params.model.to_config(n_channels=len(contract.sensor_names)),
+        params.training.to_config(),
+        run_dir / "trained.ckpt",
+        scoring_method=params.scoring_method,
+    )
+    calibration = calibrate_task(
+        trained.checkpoint, dataset, run_dir / "model.ckpt", **params.calibration.model_dump()
+    )
+    evaluation = evaluate_model_task(settings.warehouse_url, contract, calibration.checkpoint, run_dir / "plots")
+    summary = publish_task(settings, contract, params.model_dump(mode="json"), dataset, trained, calibration, evaluation)
+    if params.promote:
+        promote_task(settings.model_name, summary.version)
+    return summary

@@ -1,0 +1,55 @@
+"""Train the Anomaly Transformer on a windowed dataset and save a self-contained checkpoint."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from model.checkpoint import save_checkpoint
+from model.config import ModelConfig, TrainConfig
+from model.train import fit
+from tasks.windowing import DatasetRef
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """Where the trained weights are and how training went."""
+
+    checkpoint: Path
+    history: dict[str, Any]
+    seconds: float
+    n_parameters: int
+
+
+def train_model(
+    dataset: DatasetRef,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    out_path: Path,
+    *,
+    scoring_method: str,
+) -> TrainedModel:
+    """Fit on every entity's fit part, stop early on the validation tails, save weights + scalers."""
+    fit_parts, val_parts = zip(*(dataset.load(entity) for entity in dataset.entities), strict=True)
+    started = time.perf_counter()
+    result = fit(model_cfg, train_cfg, list(fit_parts), [v for v in val_parts if len(v) >= model_cfg.win_size])
+    seconds = time.perf_counter() - started
+    extras = {
+        "source": dataset.source,
+        "sensors": list(dataset.sensors),
+        "scalers": {name: scaler.to_dict() for name, scaler in dataset.scalers().items()},
+        "scoring_method": scoring_method,
+        "train_config": train_cfg.to_dict(),
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out_path, result.model, model_cfg, extras)
+    n_parameters = sum(p.numel() for p in result.model.parameters())
+    return TrainedModel(out_path, result.history.to_dict(), seconds, n_parameters)
+
+
+train_model_task = task(name="train-model", cache_policy=NO_CACHE)(train_model)
