@@ -1,0 +1,217 @@
+"""The Anomaly Transformer network (Xu et al., ICLR 2022) as the reference code builds it.
+
+Differences from the reference that change nothing numerically but do change the state-dict
+layout (so reference checkpoints do not load as they are):
+
+* the feed-forward block uses ``nn.Linear`` where the reference uses ``Conv1d(kernel_size=1)``;
+* Q, K, V and the sigma projection are one ``nn.Linear`` (``in_proj``, rows in that order);
+* the prior is returned row-normalised, computed directly as a softmax over keys of
+  ``-(i - j)^2 / (2 sigma_i^2)`` (the reference returns the un-normalised Gaussian and divides by
+  its row sum later; the ``1/(sqrt(2 pi) sigma)`` factor cancels).
+
+The token embedding keeps the reference's circular ``Conv1d(kernel_size=3, bias=False)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+
+SIGMA_SHARPNESS = 5.0
+SIGMA_BASE = 3.0
+SIGMA_FLOOR = 1e-5
+
+
+class ModelOutput(NamedTuple):
+    """What one forward pass returns; the lists hold one tensor per encoder layer."""
+
+    recon: torch.Tensor  # (B, L, C)
+    series: list[torch.Tensor]  # each (B, H, L, L), rows sum to 1
+    prior: list[torch.Tensor]  # each (B, H, L, L), rows sum to 1
+    sigma: list[torch.Tensor]  # each (B, H, L)
+
+
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Upcast half-precision tensors to float32; keep float32 and float64 as they are."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def squash_sigma(raw: torch.Tensor) -> torch.Tensor:
+    """The reference's squashing ``3^(sigmoid(5 s) + 1e-5) - 1``, in [1.0986e-5, 2.00003].
+
+    Computed as ``expm1(ln 3 * (sigmoid(5 s) + 1e-5))``, which keeps full relative precision
+    near the lower bound (``pow(3, a) - 1`` in float32 loses about 0.2% there).
+    """
+    raw = at_least_float32(raw)
+    exponent = torch.sigmoid(SIGMA_SHARPNESS * raw) + SIGMA_FLOOR
+    return torch.expm1(math.log(SIGMA_BASE) * exponent)
+
+
+def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
+    """Fixed positional encoding ``(length, d_model)``: sin on even channels, cos on odd ones."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]  # (L, 1)
+    frequency = torch.exp(
+        torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model)
+    )  # (ceil(d/2),)
+    angles = position * frequency  # (L, ceil(d/2))
+    encoding = torch.zeros(length, d_model)
+    encoding[:, 0::2] = torch.sin(angles)
+    encoding[:, 1::2] = torch.cos(angles[:, : d_model // 2])
+    return encoding
+
+
+class DataEmbedding(nn.Module):
+    """Circular token convolution (kernel 3, no bias) plus sinusoidal positions."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.token_conv = nn.Conv1d(
+            cfg.n_channels, cfg.d_model, 3, padding=1, padding_mode="circular", bias=False
+        )
+        nn.init.kaiming_normal_(self.token_conv.weight, mode="fan_in", nonlinearity="leaky_relu")
+        positions = sinusoidal_positions(cfg.win_size, cfg.d_model)
+        self.register_buffer("positions", positions, persistent=False)  # (L, d)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.token_conv(x.transpose(1, 2)).transpose(1, 2)  # (B, L, d)
+        return self.dropout(tokens + self.positions)
+
+
+class AnomalyAttention(nn.Module):
+    """Self-attention that also returns the series association, the Gaussian prior and sigma."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.d_model = cfg.d_model
+        self.in_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model + cfg.n_heads)  # [Q | K | V | sigma]
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.attn_dropout = nn.Dropout(cfg.dropout)
+        self.dropout_p = cfg.dropout
+        index = torch.arange(cfg.win_size, dtype=torch.float32)
+        half_sq_distance = -0.5 * (index[:, None] - index[None, :]) ** 2  # (L, L)
+        self.register_buffer("half_sq_distance", half_sq_distance, persistent=False)
+
+    def _heads(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        batch, length, _ = h.shape
+        d, n_heads = self.d_model, self.n_heads
+        q, k, v, raw_sigma = self.in_proj(h).split([d, d, d, n_heads], dim=-1)
+        shape = (batch, length, n_heads, d // n_heads)
+        q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))  # each (B, H, L, E)
+        return q, k, v, raw_sigma.transpose(1, 2)  # raw_sigma (B, H, L)
+
+    def _merge(self, heads: torch.Tensor) -> torch.Tensor:
+        batch, _, length, _ = heads.shape
+        merged = heads.transpose(1, 2).reshape(batch, length, self.d_model)  # (B, L, d)
+        return self.out_proj(merged)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q, k, v, raw_sigma = self._heads(h)
+        scale = q.shape[-1] ** -0.5
+        scores = torch.matmul(q * scale, k.transpose(-1, -2))  # (B, H, L, L)
+        series = torch.softmax(at_least_float32(scores), dim=-1)  # (B, H, L, L)
+        heads = torch.matmul(self.attn_dropout(series).to(v.dtype), v)  # (B, H, L, E)
+        sigma = squash_sigma(raw_sigma)  # (B, H, L)
+        inverse_variance = sigma.pow(-2).unsqueeze(-1)  # (B, H, L, 1)
+        prior = torch.softmax(self.half_sq_distance * inverse_variance, dim=-1)  # (B, H, L, L)
+        return self._merge(heads), series, prior, sigma
+
+    def reconstruct(self, h: torch.Tensor) -> torch.Tensor:
+        """The attention output alone, through fused attention (no association tensors)."""
+        q, k, v, _ = self._heads(h)
+        dropout = self.dropout_p if self.training else 0.0
+        heads = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, H, L, E)
+        return self._merge(heads)
+
+
+class EncoderLayer(nn.Module):
+    """Post-LayerNorm block: anomaly attention, then a GELU feed-forward network."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention = AnomalyAttention(cfg)
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.d_ff),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.d_ff, cfg.d_model),
+            nn.Dropout(cfg.dropout),
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def _feed_forward(self, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(h + self.dropout(attended))  # (B, L, d)
+        return self.norm2(h + self.ffn(h))  # (B, L, d)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        attended, series, prior, sigma = self.attention(h)
+        return self._feed_forward(h, attended), series, prior, sigma
+
+    def reconstruct(self, h: torch.Tensor) -> torch.Tensor:
+        return self._feed_forward(h, self.attention.reconstruct(h))
+
+
+class AnomalyTransformer(nn.Module):
+    """Reconstructs windows ``(B, L, C)`` and exposes the associations of every layer."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = DataEmbedding(cfg)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.e_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.projection = nn.Linear(cfg.d_model, cfg.n_channels)
+
+    def forward(self, x: torch.Tensor, *, check_finite: bool = True) -> ModelOutput:
+        """Reconstruct ``x`` (`torch.Tensor` of shape `(batch, win_size, n_channels)`).
+
+        Raises:
+            ValueError: wrong shape, or (when ``check_finite``) NaN/inf values in ``x``.
+        """
+        self.check_input(x, check_finite=check_finite)
+        h = self.embedding(x)  # (B, L, d)
+        series, prior, sigma = [], [], []
+        for layer in self.layers:
+            h, layer_series, layer_prior, layer_sigma = layer(h)
+            series.append(layer_series)
+            prior.append(layer_prior)
+            sigma.append(layer_sigma)
+        recon = self.projection(self.norm(h))  # (B, L, C)
+        return ModelOutput(recon, series, prior, sigma)
+
+    def reconstruct(self, x: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
+        """``forward(x).recon`` without building the association tensors (fused attention)."""
+        self.check_input(x, check_finite=check_finite)
+        h = self.embedding(x)  # (B, L, d)
+        for layer in self.layers:
+            h = layer.reconstruct(h)
+        return self.projection(self.norm(h))  # (B, L, C)
+
+    def check_input(self, x: torch.Tensor, *, check_finite: bool) -> None:
+        """Raise ``ValueError`` naming the problem if ``x`` is not a valid batch of windows."""
+        expected = (self.cfg.win_size, self.cfg.n_channels)
+        if x.dim() != 3 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"invalid input shape {tuple(x.shape)}: expected (batch, win_size={expected[0]}, "
+                f"n_channels={expected[1]})"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"invalid input dtype {x.dtype}: expected a floating-point tensor")
+        if check_finite and not torch.compiler.is_compiling():
+            bad = (~torch.isfinite(x)).nonzero()  # (n_bad, 3)
+            if len(bad):
+                window, position, channel = bad[0].tolist()
+                raise ValueError(
+                    f"invalid input: {len(bad)} non-finite value(s), the first is "
+                    f"{x[window, position, channel].item()} at window {window}, position "
+                    f"{position}, channel {channel}"
+                )
