@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     backfill = commands.add_parser("backfill", help="re-score a past time range (re-runnable)")
     backfill.add_argument("--source", default="smd")
     backfill.add_argument("--start", type=datetime.fromisoformat, help="ISO timestamp, inclusive")
-    backfill.add_argument("--end", type=datetime.fromisoformat, help="ISO timestamp, inclusive")
+    backfill.add_argument("--end", type=datetime.fromisoformat, help="ISO timestamp, exclusive")
     backfill.add_argument("--alias", default="champion")
 
     promote = commands.add_parser("promote", help="move the champion alias")

@@ -27,7 +27,7 @@ def promote_flow(version: int | None = None) -> int | None:
 def status_flow() -> Status:
     """What is in the warehouse and the registry right now."""
     settings = get_settings()
-    return collect_status_task(settings.warehouse_url, settings.model_name)
+    return collect_status_task(settings.warehouse_url, settings.mlflow_tracking_uri, settings.model_name)
 
 
 @flow(name="demo", log_prints=True)

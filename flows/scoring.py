@@ -35,7 +35,7 @@ def backfill_flow(
     alias: str = "champion",
     chunk_rows: int = 50_000,
 ) -> list[EntityResult]:
-    """Re-score ``start <= ts <= end`` for every entity; safe to re-run (upserts, same scores)."""
+    """Re-score ``start <= ts < end`` for every entity; safe to re-run (upserts, same scores)."""
     settings = get_settings()
     contract = load_contract(source)
     loaded = load_model_version_task(settings.model_name, alias)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import numpy as np
 import pandas as pd
@@ -27,7 +27,7 @@ from model.thresholds import p_values
 from tasks.errors import ModelRegistryError
 from tasks.registry import LoadedModel
 from tasks.validate import validate_readings
-from tasks.warehouse import get_engine, get_watermark, read_context, read_readings, write_scores
+from tasks.warehouse import Watermark, get_engine, get_watermark, read_readings, write_scores
 
 log = logging.getLogger(__name__)
 TOP_SENSORS = 3
@@ -48,9 +48,7 @@ def score_values(checkpoint: Checkpoint, entity: str, values: np.ndarray, skip: 
     """Scale raw ``(T, C)`` readings with the entity's scaler and score ``values[skip:]``."""
     scalers = checkpoint.extras["scalers"]
     if entity not in scalers:
-        raise ModelRegistryError(
-            f"entity {entity!r} was not in this model's training data (known: {sorted(scalers)[:5]}...)"
-        )
+        raise ModelRegistryError(f"entity {entity!r} was not in this model's training data")
     scaled = Scaler.from_dict(scalers[entity]).transform(values).astype(np.float32)
     result = score_series(checkpoint.model, scaled, checkpoint.extras["scoring_method"], skip=skip)
     return result.scores, result.contributions
@@ -67,9 +65,7 @@ def top_sensors(contributions: np.ndarray, sensors: list[str], k: int = TOP_SENS
     ]
 
 
-def score_rows(
-    loaded: LoadedModel, contract: Contract, entity: str, frame: pd.DataFrame, skip: int, run_id: str
-) -> pd.DataFrame:
+def score_rows(loaded: LoadedModel, entity: str, frame: pd.DataFrame, skip: int) -> pd.DataFrame:
     """Warehouse rows of ``anomaly_scores`` for ``frame[skip:]`` (``frame`` = context + new rows)."""
     extras = loaded.checkpoint.extras
     sensors = list(extras["sensors"])
@@ -78,19 +74,13 @@ def score_rows(
     calibration = np.asarray(extras["calibration_scores"], dtype=np.float64)
     return pd.DataFrame(
         {
-            "source": contract.name,
-            "entity": entity,
             "ts": frame["ts"].iloc[skip:].to_numpy(),
-            "model_name": loaded.name,
-            "model_version": loaded.version,
             "score": scores.astype(np.float64),
             "threshold": threshold,
             "is_anomaly": scores > threshold,
             "p_value": p_values(calibration, scores),
             "top_sensors": top_sensors(contributions, sensors),
             "provisional": False,
-            "run_id": run_id,
-            "scored_at": datetime.now(UTC).replace(tzinfo=None),
         }
     )
 
@@ -100,45 +90,32 @@ def _score_in_chunks(
     contract: Contract,
     loaded: LoadedModel,
     entity: str,
-    rows: pd.DataFrame,
+    frame: pd.DataFrame,
+    context_rows: int,
     *,
     run_id: str,
     chunk_rows: int,
     move_watermark: bool,
 ) -> EntityResult:
-    """Score ``rows`` chunk by chunk; each chunk's scores (and watermark) commit in one transaction."""
+    """Score ``frame[context_rows:]`` chunk by chunk; each chunk commits in its own transaction."""
     win = loaded.checkpoint.model_cfg.win_size
-    context = read_context(engine, contract, entity, before=rows["ts"].iloc[0], n=win - 1)
-    frame = pd.concat([context, rows], ignore_index=True)
+    if entity not in loaded.checkpoint.extras["scalers"]:
+        return EntityResult(entity, 0, 0, None, "not in the model's training data: not scored")
     if len(frame) < win:
         return EntityResult(entity, 0, 0, None, f"waiting: {len(frame)} rows, a window needs {win}")
     validate_readings(frame, contract, source=f"{contract.table_name} entity {entity!r}", min_rows=win)
     scored = anomalies = 0
     step = max(chunk_rows, win)
-    for start in range(len(context), len(frame), step):
+    for start in range(context_rows, len(frame), step):
         begin = max(0, start - (win - 1))
-        chunk = frame.iloc[begin : start + step]
-        result = score_rows(loaded, contract, entity, chunk, start - begin, run_id)
-        watermark = _watermark_row(contract, loaded, entity, result, run_id) if move_watermark else None
+        result = score_rows(loaded, entity, frame.iloc[begin : start + step], start - begin)
+        last_ts = pd.Timestamp(result["ts"].iloc[-1]).to_pydatetime()
+        watermark = Watermark(entity, loaded.name, last_ts, str(loaded.version), run_id)
         with engine.begin() as conn:
-            write_scores(conn, result, watermark)
+            write_scores(conn, contract.name, result, watermark, move_watermark=move_watermark)
         scored += len(result)
         anomalies += int(result["is_anomaly"].sum())
     return EntityResult(entity, scored, anomalies, str(frame["ts"].iloc[-1]))
-
-
-def _watermark_row(
-    contract: Contract, loaded: LoadedModel, entity: str, result: pd.DataFrame, run_id: str
-) -> dict[str, object]:
-    return {
-        "source": contract.name,
-        "entity": entity,
-        "model_name": loaded.name,
-        "last_ts": pd.Timestamp(result["ts"].iloc[-1]).to_pydatetime(),
-        "model_version": loaded.version,
-        "run_id": run_id,
-        "updated_at": datetime.now(UTC).replace(tzinfo=None),
-    }
 
 
 def score_new_rows(
@@ -154,11 +131,15 @@ def score_new_rows(
     engine = get_engine(warehouse_url)
     with engine.connect() as conn:
         watermark = get_watermark(conn, contract.name, entity, loaded.name)
-    rows = read_readings(engine, contract, entity=entity, after=watermark)
-    if rows.empty:
+    after = None if watermark is None else watermark.last_ts
+    context = None if after is None else loaded.checkpoint.model_cfg.win_size - 1
+    frame = read_readings(engine, contract, entity=entity, after=after, limit_before=context)
+    context_rows = 0 if after is None else int((frame["ts"] <= pd.Timestamp(after)).sum())
+    if len(frame) == context_rows:
         return EntityResult(entity, 0, 0, None, "up to date")
     return _score_in_chunks(
-        engine, contract, loaded, entity, rows, run_id=run_id, chunk_rows=chunk_rows, move_watermark=True
+        engine, contract, loaded, entity, frame, context_rows,
+        run_id=run_id, chunk_rows=chunk_rows, move_watermark=True,
     )
 
 
@@ -173,13 +154,16 @@ def backfill_range(
     run_id: str,
     chunk_rows: int = 50_000,
 ) -> EntityResult:
-    """Backfill: re-score the rows with ``start <= ts <= end``; upserts, leaves the watermark alone."""
+    """Backfill: re-score rows with ``start <= ts < end``; upserts, leaves the watermark alone."""
     engine = get_engine(warehouse_url)
-    rows = read_readings(engine, contract, entity=entity, start=start, end=end)
-    if rows.empty:
+    context = None if start is None else loaded.checkpoint.model_cfg.win_size - 1
+    frame = read_readings(engine, contract, entity=entity, start=start, end=end, limit_before=context)
+    context_rows = 0 if start is None else int((frame["ts"] < pd.Timestamp(start)).sum())
+    if len(frame) == context_rows:
         return EntityResult(entity, 0, 0, None, "no rows in range")
     return _score_in_chunks(
-        engine, contract, loaded, entity, rows, run_id=run_id, chunk_rows=chunk_rows, move_watermark=False
+        engine, contract, loaded, entity, frame, context_rows,
+        run_id=run_id, chunk_rows=chunk_rows, move_watermark=False,
     )
 
 

@@ -1,0 +1,106 @@
+"""What is in the warehouse and the registry: sources, entities, watermarks, lag, champion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from data_contracts.contract import check_identifier
+from tasks.warehouse import anomaly_scores, get_engine, scoring_watermarks
+
+READINGS_SUFFIX = "_readings"
+
+
+@dataclass(frozen=True)
+class EntityStatus:
+    """One entity of one source: its rows, how far it is scored, and its alarms."""
+
+    source: str
+    entity: str
+    rows: int
+    last_ts: str
+    scored_until: str | None
+    unscored_rows: int
+    anomalies: int
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One alias of the registered model and the test metrics of the run behind it."""
+
+    alias: str
+    version: int
+    run_id: str
+    test_auc_pr: float | None
+    test_vus_pr: float | None
+    threshold: float | None
+
+
+@dataclass(frozen=True)
+class Status:
+    """The whole picture ``atp status`` prints."""
+
+    warehouse: str
+    entities: tuple[EntityStatus, ...]
+    models: tuple[ModelStatus, ...]
+
+
+def _sources(engine: sa.Engine) -> list[str]:
+    names = sa.inspect(engine).get_table_names()
+    return sorted(n.removesuffix(READINGS_SUFFIX) for n in names if n.endswith(READINGS_SUFFIX))
+
+
+def _entity_rows(conn: sa.Connection, source: str) -> list[EntityStatus]:
+    check_identifier(source, "source")
+    readings = sa.table(f"{source}{READINGS_SUFFIX}", sa.column("entity"), sa.column("ts"))
+    w, s = scoring_watermarks.c, anomaly_scores.c
+    marks = dict(conn.execute(sa.select(w.entity, sa.func.max(w.last_ts)).where(w.source == source).group_by(w.entity)).all())
+    alarms = dict(
+        conn.execute(
+            sa.select(s.entity, sa.func.count()).where(s.source == source, s.is_anomaly).group_by(s.entity)
+        ).all()
+    )
+    rows = []
+    query = sa.select(readings.c.entity, sa.func.count(), sa.func.max(readings.c.ts)).group_by(readings.c.entity)
+    for entity, count, last_ts in conn.execute(query.order_by(readings.c.entity)):
+        mark = marks.get(entity)
+        unscored = count if mark is None else conn.scalar(
+            sa.select(sa.func.count()).select_from(readings).where(readings.c.entity == entity, readings.c.ts > mark)
+        )
+        rows.append(EntityStatus(source, entity, count, str(last_ts), None if mark is None else str(mark),
+                                 int(unscored or 0), int(alarms.get(entity, 0))))
+    return rows
+
+
+def model_status(tracking_uri: str, model_name: str) -> list[ModelStatus]:
+    """Every alias of ``model_name`` with its run's headline metrics; empty when unregistered."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri)
+    try:
+        aliases = client.get_registered_model(model_name).aliases
+    except MlflowException:
+        return []
+    found = []
+    for alias, version in sorted(aliases.items()):
+        run_id = client.get_model_version(model_name, str(version)).run_id or ""
+        metrics = client.get_run(run_id).data.metrics if run_id else {}
+        found.append(ModelStatus(alias, int(version), run_id, metrics.get("test_auc_pr"),
+                                 metrics.get("test_vus_pr"), metrics.get("threshold")))
+    return found
+
+
+def collect_status(warehouse_url: str, tracking_uri: str, model_name: str) -> Status:
+    """Rows, watermarks and alarms per entity of every source, plus champion and challenger."""
+    engine = get_engine(warehouse_url)
+    with engine.connect() as conn:
+        entities = [row for source in _sources(engine) for row in _entity_rows(conn, source)]
+    url = engine.url.render_as_string(hide_password=True)
+    return Status(url, tuple(entities), tuple(model_status(tracking_uri, model_name)))
+
+
+collect_status_task = task(name="collect-status", cache_policy=NO_CACHE)(collect_status)
