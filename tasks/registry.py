@@ -1,0 +1,323 @@
+"""MLflow tracking and model registry: log and register a checkpoint, move aliases, load a version.
+
+A registered version is self-contained (weights, config, scalers, threshold, calibration scores,
+contract and code version in the checkpoint; ``model/`` as code; explicit pip requirements) and
+carries the checkpoint's sha256 as a version tag, written in the same call that creates it.
+Loading resolves an alias once, to a concrete version, and refuses anything that does not check out.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from packaging.version import Version
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import State
+
+import model
+from model.checkpoint import Checkpoint, load_checkpoint
+from tasks.errors import AtpError, ModelRegistryError
+from tasks.pyfunc_model import (
+    CHECKPOINT_ARTIFACT,
+    ENTITY_PARAM,
+    SHA256_KEY,
+    file_sha256,
+    model_signature,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "anomaly-transformer"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+SHA256_TAG = "checkpoint_sha256"
+MODEL_ARTIFACT = "model"
+FIGURES_DIR = "figures"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+MODEL_PACKAGE = Path(model.__file__).parent
+RUNTIME_PACKAGES = ("torch", "numpy", "pandas")
+SERVER_SCHEMES = ("http://", "https://", "databricks")
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A model version just registered (with the ``challenger`` alias)."""
+
+    name: str
+    version: int
+    run_id: str
+    model_uri: str
+    checksum: str
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One concrete model version, verified and loaded; a run uses it from start to end."""
+
+    name: str
+    version: int
+    run_id: str
+    checkpoint: Checkpoint
+    extras: dict[str, Any]
+
+
+def artifact_location(tracking_uri: str, artifact_root: Path) -> str | None:
+    """Where a new experiment keeps artifacts: under ``artifact_root`` unless a server decides."""
+    if tracking_uri.startswith(SERVER_SCHEMES):
+        return None
+    return artifact_root.resolve().as_uri()
+
+
+def configure_tracking(tracking_uri: str, artifact_root: Path, experiment: str = EXPERIMENT) -> str:
+    """Point MLflow at ``tracking_uri`` and make sure ``experiment`` exists; return its id.
+
+    Against a database URI the experiment keeps its artifacts under ``artifact_root`` (not the
+    working directory); a tracking server keeps them where the server is configured to.
+    """
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return str(found.experiment_id)
+    return client.create_experiment(experiment, artifact_location(tracking_uri, artifact_root))
+
+
+def pip_requirements() -> list[str]:
+    """Exact versions of the runtime packages, without local labels such as ``+cpu``."""
+    return [f"{name}=={Version(metadata.version(name)).public}" for name in RUNTIME_PACKAGES]
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested parameters as ``a.b`` keys, the way MLflow shows them."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def history_metrics(history: Mapping[str, Any]) -> list[Metric]:
+    """Per-epoch lists as step metrics (``None`` entries skipped), scalars at step 0."""
+    now = int(time.time() * 1000)
+    metrics = []
+    for key, value in history.items():
+        steps = value if isinstance(value, list | tuple) else [value]
+        metrics += [Metric(key, float(v), now, i) for i, v in enumerate(steps) if v is not None]
+    return metrics
+
+
+def _log_figures(figures: Mapping[str, Figure | Path]) -> None:
+    """A Figure as ``figures/<name>.png``; an image file under ``figures/`` with its own name."""
+    for name, figure in figures.items():
+        if isinstance(figure, Path):
+            mlflow.log_artifact(str(figure), FIGURES_DIR)
+        else:
+            mlflow.log_figure(figure, f"{FIGURES_DIR}/{name}.png")
+
+
+def _example(checkpoint: Checkpoint, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The input example as the pyfunc takes it: float32 sensors, plus a trained entity."""
+    sensors = list(checkpoint.extras["sensors"])
+    win_size = checkpoint.model_cfg.win_size
+    if len(frame) < win_size:
+        raise ValueError(f"input_example has {len(frame)} rows: a window needs {win_size}")
+    entity = sorted(checkpoint.extras["scalers"])[0]
+    return frame[sensors].astype(np.float32), {ENTITY_PARAM: entity}
+
+
+def _model_metadata(extras: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's small facts (contract, code version, method, threshold...) and sensors."""
+    small = {k: v for k, v in extras.items() if isinstance(v, str | int | float | bool)}
+    return {**small, "sensors": list(extras["sensors"])}
+
+
+def log_and_register(
+    *,
+    checkpoint_path: Path,
+    model_name: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    history: Mapping[str, Any] | None = None,
+    figures: Mapping[str, Figure | Path] | None = None,
+    tags: Mapping[str, str] | None = None,
+    input_example: pd.DataFrame | None = None,
+    experiment: str = EXPERIMENT,
+) -> RegisteredModel:
+    """Log one run and register its pyfunc as a new version of ``model_name``, the challenger.
+
+    Call ``configure_tracking`` first: the experiment must exist, so that artifacts never land
+    in the working directory. ``input_example`` holds raw readings (at least ``win_size`` rows).
+    """
+    found = MlflowClient().get_experiment_by_name(experiment)
+    if found is None:
+        raise ModelRegistryError(
+            f"no MLflow experiment {experiment!r}: call configure_tracking first"
+        )
+    checkpoint = load_checkpoint(checkpoint_path)
+    checksum = file_sha256(checkpoint_path)
+    example = None if input_example is None else _example(checkpoint, input_example)
+    run_tags, experiment_id = dict(tags or {}), found.experiment_id
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=run_tags) as run:
+        mlflow.log_params(flatten_params(params))
+        mlflow.log_metrics(dict(metrics))
+        if history:
+            MlflowClient().log_batch(run.info.run_id, metrics=history_metrics(history))
+        _log_figures(figures or {})
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=PYFUNC_CODE,
+            artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_path)},
+            code_paths=[str(MODEL_PACKAGE)],
+            model_config={SHA256_KEY: checksum},
+            signature=model_signature(list(checkpoint.extras["sensors"])),
+            input_example=example,
+            pip_requirements=pip_requirements(),
+            metadata=_model_metadata(checkpoint.extras),
+        )
+    version = mlflow.register_model(info.model_uri, model_name, tags={SHA256_TAG: checksum})
+    set_alias(model_name, CHALLENGER, int(version.version))
+    log.info("registered %s version %s (run %s)", model_name, version.version, run.info.run_id)
+    uri = f"models:/{model_name}/{version.version}"
+    return RegisteredModel(model_name, int(version.version), run.info.run_id, uri, checksum)
+
+
+def _aliases(client: MlflowClient, model_name: str) -> dict[str, int] | None:
+    """The registered model's aliases, or ``None`` when no model has that name."""
+    try:
+        registered = client.get_registered_model(model_name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return {alias: int(version) for alias, version in registered.aliases.items()}
+
+
+def get_alias_version(model_name: str, alias: str) -> int | None:
+    """The version ``alias`` points to now, or ``None`` (no such model or alias)."""
+    return (_aliases(MlflowClient(), model_name) or {}).get(alias)
+
+
+def set_alias(model_name: str, alias: str, version: int) -> None:
+    """Point ``alias`` at ``version``, which must exist."""
+    client = MlflowClient()
+    try:
+        client.get_model_version(model_name, str(version))
+    except MlflowException as exc:
+        raise ModelRegistryError(f"model {model_name!r} has no version {version}") from exc
+    client.set_registered_model_alias(model_name, alias, str(version))
+
+
+def promote(model_name: str, version: int | None = None) -> int | None:
+    """Move ``champion`` to ``version`` (default: the challenger); return the previous champion."""
+    target = version if version is not None else get_alias_version(model_name, CHALLENGER)
+    if target is None:
+        raise ModelRegistryError(f"nothing to promote: model {model_name!r} has no {CHALLENGER!r}")
+    previous = get_alias_version(model_name, CHAMPION)
+    set_alias(model_name, CHAMPION, target)
+    log.info("%s: %s moved from version %s to %s", model_name, CHAMPION, previous, target)
+    return previous
+
+
+def _download_checkpoint(model_name: str, version: int, into: Path) -> Path:
+    """Download the version's model directory; the path of its checkpoint file."""
+    uri = f"models:/{model_name}/{version}"
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(into)))
+        flavor = mlflow.models.Model.load(str(local)).flavors["python_function"]
+        path = local / flavor["artifacts"][CHECKPOINT_ARTIFACT]["path"]
+    except (OSError, KeyError, MlflowException) as exc:
+        raise ModelRegistryError(f"the artifact of {uri} cannot be read: {exc}") from exc
+    if not path.is_file():
+        raise ModelRegistryError(f"the artifact of {uri} has no checkpoint file {path.name}")
+    return path
+
+
+def load_model_version(model_name: str, alias: str) -> LoadedModel:
+    """Resolve ``alias`` once and load that version, after checking its checkpoint's sha256.
+
+    Raises:
+        ModelRegistryError: no such model or alias, an unreadable artifact, or a checkpoint whose
+            sha256 differs from the one recorded at registration. Never falls back to another model.
+    """
+    client = MlflowClient()
+    aliases = _aliases(client, model_name)
+    if aliases is None:
+        raise ModelRegistryError(
+            f"no registered model named {model_name!r}: train and register one first"
+        )
+    if alias not in aliases:
+        raise ModelRegistryError(
+            f"model {model_name!r} has no alias {alias!r} (aliases: {aliases or 'none'}); "
+            f"promote a version (atp promote, or the MLflow UI) before using it"
+        )
+    version = aliases[alias]
+    registered = client.get_model_version(model_name, str(version))
+    expected = registered.tags.get(SHA256_TAG)
+    if not expected:
+        raise ModelRegistryError(
+            f"{model_name} version {version} has no {SHA256_TAG} tag to verify it by: refusing it"
+        )
+    with tempfile.TemporaryDirectory(prefix="atp-model-") as tmp:
+        path = _download_checkpoint(model_name, version, Path(tmp))
+        actual = file_sha256(path)
+        if actual != expected:
+            raise ModelRegistryError(
+                f"{model_name} version {version}: checkpoint sha256 {actual} differs from "
+                f"{expected} recorded at registration; the artifact was altered, refusing it"
+            )
+        checkpoint = load_checkpoint(path)
+    log.info("using %s version %s (alias %s)", model_name, version, alias)
+    run_id = registered.run_id or ""
+    return LoadedModel(model_name, version, run_id, checkpoint, checkpoint.extras)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """True for registry I/O failures worth a retry; never for a deliberate refusal."""
+    while exc is not None:
+        if isinstance(exc, AtpError):
+            return False
+        if isinstance(exc, OSError):
+            return True
+        if isinstance(exc, MlflowException) and exc.error_code == "TEMPORARILY_UNAVAILABLE":
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def retry_transient(_task: object, _task_run: object, state: State[Any]) -> bool:
+    """Prefect ``retry_condition_fn``: retry only when the failure was transient I/O."""
+    return is_transient(state.result(raise_on_failure=False))
+
+
+IO_RETRIES: dict[str, Any] = {
+    "retries": 2,
+    "retry_delay_seconds": [2, 10],
+    "retry_condition_fn": retry_transient,
+}
+
+
+log_and_register_task = task(name="log-and-register", cache_policy=NO_CACHE)(log_and_register)
+promote_task = task(name="promote", cache_policy=NO_CACHE, **IO_RETRIES)(promote)
+load_model_version_task = task(name="load-model-version", cache_policy=NO_CACHE, **IO_RETRIES)(
+    load_model_version
+)

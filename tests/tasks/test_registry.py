@@ -1,0 +1,323 @@
+"""The registry on a real temporary sqlite store: register, move aliases, load verified models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from prefect.states import Failed
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import ModelConfig
+from model.network import AnomalyTransformer
+from model.scaling import Scaler
+from model.scoring import score_series
+from tasks.errors import DataContractError, ModelRegistryError
+from tasks.registry import (
+    CHALLENGER,
+    CHAMPION,
+    SHA256_TAG,
+    artifact_location,
+    configure_tracking,
+    flatten_params,
+    get_alias_version,
+    is_transient,
+    load_model_version,
+    log_and_register,
+    promote,
+    retry_transient,
+    set_alias,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+NAME = "toy-detector"
+SENSORS = ["s1", "s2", "s3"]
+CFG = ModelConfig(n_channels=3, win_size=8, d_model=8, n_heads=2, e_layers=1, d_ff=8)
+
+
+def readings(seed: int, rows: int = 40) -> pd.DataFrame:
+    """Raw float32 readings of one entity, on a scale far from the scaled one."""
+    values = np.random.default_rng(seed).normal(50.0, 5.0, size=(rows, len(SENSORS)))
+    return pd.DataFrame(values.astype(np.float32), columns=SENSORS)
+
+
+def make_checkpoint(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    scalers = {e: Scaler.fit(readings(i).to_numpy()).to_dict() for i, e in enumerate(["e1", "e2"])}
+    extras = {
+        "source": "toy",
+        "contract_version": 1,
+        "code_version": "test",
+        "sensors": SENSORS,
+        "scalers": scalers,
+        "scoring_method": "recon_last",
+        "threshold": 0.5,
+        "calibration_scores": [0.1, 0.2, 0.3],
+    }
+    save_checkpoint(path, AnomalyTransformer(CFG).eval(), CFG, extras)
+    return path
+
+
+def register(tmp_path: Path, seed: int, figures: dict[str, Any] | None = None) -> int:
+    """Register a fresh tiny model; its version number."""
+    registered = log_and_register(
+        checkpoint_path=make_checkpoint(tmp_path / f"model-{seed}.ckpt", seed),
+        model_name=NAME,
+        run_name=f"run-{seed}",
+        params={"model": CFG.to_dict(), "seed": seed},
+        metrics={"f1": 0.5},
+        history={"train_loss": [1.0, 0.5, 0.25], "val_rec": [0.9, None], "best_epoch": 2},
+        figures=figures,
+        tags={"purpose": "test"},
+        input_example=readings(7, rows=CFG.win_size),
+    )
+    return registered.version
+
+
+def scaled(frame: pd.DataFrame, extras: dict[str, object], entity: str) -> np.ndarray:
+    scalers = extras["scalers"]
+    assert isinstance(scalers, dict)
+    return Scaler.from_dict(scalers[entity]).transform(frame[SENSORS].to_numpy(np.float64))
+
+
+def stored_checkpoint(version: int) -> Path:
+    """The checkpoint file of ``version`` in the artifact store itself."""
+    from mlflow import MlflowClient
+
+    root = Path(urlparse(MlflowClient().get_model_version_download_uri(NAME, str(version))).path)
+    (path,) = (root / "artifacts").glob("*.ckpt")
+    return path
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, migrated sqlite store, copied for every test (migrating takes seconds)."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def artifact_root(
+    tmp_path: Path, template_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    """A fresh store under ``tmp_path``, run from there; the artifact root."""
+    import mlflow
+
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    configure_tracking(uri, tmp_path / "mlartifacts")
+    yield tmp_path / "mlartifacts"
+    mlflow.set_tracking_uri(None)
+
+
+def test_register_twice_gives_two_versions_with_challenger_on_the_second(
+    artifact_root: Path, tmp_path: Path
+) -> None:
+    import matplotlib.pyplot as plt
+    from mlflow import MlflowClient
+
+    figure = plt.figure()
+    (tmp_path / "scores.png").write_bytes(b"\x89PNG")
+    figures = {"curves": figure, "kept-file-name": tmp_path / "scores.png"}
+    assert (register(tmp_path, 1), register(tmp_path, 2, figures)) == (1, 2)
+    plt.close(figure)
+    assert get_alias_version(NAME, CHALLENGER) == 2
+    assert get_alias_version(NAME, CHAMPION) is None
+    client = MlflowClient()
+    version = client.get_model_version(NAME, "2")
+    run_id = version.run_id
+    run = client.get_run(run_id)
+    assert run.data.params["model.d_model"] == "8" and run.data.tags["purpose"] == "test"
+    assert [m.value for m in client.get_metric_history(run_id, "train_loss")] == [1.0, 0.5, 0.25]
+    assert [m.step for m in client.get_metric_history(run_id, "val_rec")] == [0]
+    listed = {a.path for a in client.list_artifacts(run_id, "figures")}
+    assert listed == {"figures/curves.png", "figures/scores.png"}
+    assert version.tags[SHA256_TAG] and stored_checkpoint(2).is_relative_to(artifact_root)
+    requirements = (stored_checkpoint(2).parents[1] / "requirements.txt").read_text().split()
+    assert "torch==2.13.0" in requirements and not any("+" in r for r in requirements)
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_promote_moves_champion_and_returns_the_previous(
+    artifact_root: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ModelRegistryError, match="no 'challenger'"):
+        promote(NAME)
+    register(tmp_path, 1)
+    register(tmp_path, 2)
+    assert promote(NAME) is None
+    assert get_alias_version(NAME, CHAMPION) == 2
+    assert promote(NAME, version=1) == 2
+    assert get_alias_version(NAME, CHAMPION) == 1
+    with pytest.raises(ModelRegistryError, match="no version 9"):
+        set_alias(NAME, CHAMPION, 9)
+
+
+def test_load_by_alias_resolves_once_and_scores_like_model_scoring(
+    artifact_root: Path, tmp_path: Path
+) -> None:
+    register(tmp_path, 1)
+    register(tmp_path, 2)
+    promote(NAME, version=1)
+    loaded = load_model_version(NAME, CHAMPION)
+    promote(NAME)  # the alias moves; the loaded model stays version 1
+    original = load_checkpoint(tmp_path / "model-1.ckpt")
+    assert (loaded.name, loaded.version, loaded.extras) == (NAME, 1, original.extras)
+    values = scaled(readings(3), original.extras, "e1")
+    got = score_series(loaded.checkpoint.model, values, "recon_last")
+    want = score_series(original.model, values, "recon_last")
+    np.testing.assert_array_equal(got.scores, want.scores)
+    np.testing.assert_array_equal(got.contributions, want.contributions)
+
+
+def test_pyfunc_loads_by_alias_and_predicts_float32_readings(
+    artifact_root: Path, tmp_path: Path
+) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    register(tmp_path, 1)
+    promote(NAME)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION}")
+    frame = readings(3)
+    out = pyfunc.predict(frame, params={"entity": "e2"})
+    original = load_checkpoint(tmp_path / "model-1.ckpt")
+    want = score_series(original.model, scaled(frame, original.extras, "e2"), "recon_last")
+    assert list(out.columns) == ["score"] + [f"contribution_{s}" for s in SENSORS]
+    np.testing.assert_array_equal(out["score"].to_numpy(), want.scores)
+    np.testing.assert_array_equal(out.iloc[:, 1:].to_numpy(), want.contributions)
+    assert pyfunc.metadata.metadata["code_version"] == "test"
+    with pytest.raises(ValueError, match="params\\['entity'\\]=''"):
+        pyfunc.predict(frame)
+    with pytest.raises(MlflowException, match="float64"):
+        pyfunc.predict(frame.astype(np.float64), params={"entity": "e2"})
+
+
+def test_pyfunc_loads_without_the_project_on_the_path(
+    artifact_root: Path, tmp_path: Path
+) -> None:
+    register(tmp_path, 1)
+    promote(NAME)
+    script = (
+        "import sys, mlflow, numpy as np, pandas as pd\n"
+        f"m = mlflow.pyfunc.load_model('models:/{NAME}@{CHAMPION}')\n"
+        "x = pd.DataFrame(np.ones((10, 3), np.float32), columns=['s1', 's2', 's3'])\n"
+        "print(len(m.predict(x, params={'entity': 'e1'})), sys.modules['model'].__file__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    command = [sys.executable, "-c", script]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows, model_file = done.stdout.split()[-2:]
+    assert rows == "10"
+    assert Path(model_file).parts[-3] == "code" and not Path(model_file).is_relative_to(REPO)
+
+
+def test_altered_artifact_is_refused(artifact_root: Path, tmp_path: Path) -> None:
+    import mlflow
+
+    register(tmp_path, 1)
+    promote(NAME)
+    path = stored_checkpoint(1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelRegistryError, match="altered"):
+        load_model_version(NAME, CHAMPION)
+    with pytest.raises(ValueError, match="altered"):
+        mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION}")
+
+
+@pytest.mark.parametrize(
+    ("whole_model", "message"), [(True, "cannot be read"), (False, "no checkpoint file")]
+)
+def test_missing_artifact_is_refused(
+    artifact_root: Path, tmp_path: Path, whole_model: bool, message: str
+) -> None:
+    register(tmp_path, 1)
+    promote(NAME)
+    path = stored_checkpoint(1)
+    if whole_model:
+        shutil.rmtree(path.parents[1])
+    else:
+        path.unlink()
+    with pytest.raises(ModelRegistryError, match=message):
+        load_model_version(NAME, CHAMPION)
+
+
+def test_version_without_a_recorded_checksum_is_refused(
+    artifact_root: Path, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    register(tmp_path, 1)
+    promote(NAME)
+    MlflowClient().delete_model_version_tag(NAME, "1", SHA256_TAG)
+    with pytest.raises(ModelRegistryError, match="no checkpoint_sha256 tag"):
+        load_model_version(NAME, CHAMPION)
+
+
+def test_missing_alias_or_model_is_refused_with_a_clear_message(
+    artifact_root: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ModelRegistryError, match=f"no registered model named '{NAME}'"):
+        load_model_version(NAME, CHAMPION)
+    register(tmp_path, 1)
+    aliases = r"\(aliases: \{'challenger': 1\}\)"
+    with pytest.raises(ModelRegistryError, match=f"has no alias 'champion' {aliases}"):
+        load_model_version(NAME, CHAMPION)
+
+
+def test_registration_needs_an_experiment_and_a_full_window_example(
+    artifact_root: Path, tmp_path: Path
+) -> None:
+    common = {"model_name": NAME, "run_name": "r", "params": {}, "metrics": {}}
+    path = make_checkpoint(tmp_path / "m.ckpt", 1)
+    with pytest.raises(ModelRegistryError, match="configure_tracking"):
+        log_and_register(checkpoint_path=path, experiment="elsewhere", **common)
+    with pytest.raises(ValueError, match="a window needs 8"):
+        log_and_register(checkpoint_path=path, input_example=readings(1, rows=7), **common)
+    assert get_alias_version(NAME, CHALLENGER) is None
+
+
+def test_artifacts_stay_local_unless_a_server_keeps_them(tmp_path: Path) -> None:
+    assert artifact_location("sqlite:///x.db", tmp_path / "a") == (tmp_path / "a").as_uri()
+    assert artifact_location("https://mlflow.example", tmp_path / "a") is None
+
+
+def test_params_are_flattened_with_dotted_keys() -> None:
+    nested = {"a": {"b": 1, "c": {"d": "x"}}, "e": 2}
+    assert flatten_params(nested) == {"a.b": 1, "a.c.d": "x", "e": 2}
+
+
+def test_only_transient_io_failures_are_retried() -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+
+    wrapped = MlflowException("API request failed")
+    wrapped.__cause__ = ConnectionError("refused")
+    assert is_transient(wrapped) and is_transient(TimeoutError())
+    assert is_transient(MlflowException("locked", error_code=TEMPORARILY_UNAVAILABLE))
+    refusal = ModelRegistryError("altered")
+    refusal.__cause__ = OSError("read")
+    invalid = MlflowException("x", INVALID_PARAMETER_VALUE)
+    deliberate = (refusal, DataContractError("bad"), ValueError(), invalid)
+    assert not any(is_transient(e) for e in deliberate)
+    assert retry_transient(None, None, Failed(data=ConnectionError()))
+    assert not retry_transient(None, None, Failed(data=ModelRegistryError("no alias")))
