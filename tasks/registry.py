@@ -4,6 +4,8 @@ A registered version is self-contained (weights, config, scalers, threshold, cal
 contract and code version in the checkpoint; ``model/`` as code; explicit pip requirements) and
 carries the checkpoint's sha256 as a version tag, written in the same call that creates it.
 Loading resolves an alias once, to a concrete version, and refuses anything that does not check out.
+Aliases and loading use the store the settings name, read on every call, so a fresh process (a
+scheduled run, ``atp promote``) finds the models that training registered.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from packaging.version import Version
@@ -38,6 +41,7 @@ from tasks.pyfunc_model import (
     file_sha256,
     model_signature,
 )
+from tasks.settings import get_settings
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -170,9 +174,7 @@ def log_and_register(
     """
     found = MlflowClient().get_experiment_by_name(experiment)
     if found is None:
-        raise ModelRegistryError(
-            f"no MLflow experiment {experiment!r}: call configure_tracking first"
-        )
+        raise ModelRegistryError(f"no experiment {experiment!r}: call configure_tracking first")
     checkpoint = load_checkpoint(checkpoint_path)
     checksum = file_sha256(checkpoint_path)
     example = None if input_example is None else _example(checkpoint, input_example)
@@ -201,6 +203,11 @@ def log_and_register(
     return RegisteredModel(model_name, int(version.version), run.info.run_id, uri, checksum)
 
 
+def _client() -> MlflowClient:
+    """A client on the settings' store (``MLFLOW_TRACKING_URI``, else the one under ATP_HOME)."""
+    return MlflowClient(get_settings().mlflow_tracking_uri)
+
+
 def _aliases(client: MlflowClient, model_name: str) -> dict[str, int] | None:
     """The registered model's aliases, or ``None`` when no model has that name."""
     try:
@@ -214,12 +221,12 @@ def _aliases(client: MlflowClient, model_name: str) -> dict[str, int] | None:
 
 def get_alias_version(model_name: str, alias: str) -> int | None:
     """The version ``alias`` points to now, or ``None`` (no such model or alias)."""
-    return (_aliases(MlflowClient(), model_name) or {}).get(alias)
+    return (_aliases(_client(), model_name) or {}).get(alias)
 
 
 def set_alias(model_name: str, alias: str, version: int) -> None:
     """Point ``alias`` at ``version``, which must exist."""
-    client = MlflowClient()
+    client = _client()
     try:
         client.get_model_version(model_name, str(version))
     except MlflowException as exc:
@@ -238,11 +245,13 @@ def promote(model_name: str, version: int | None = None) -> int | None:
     return previous
 
 
-def _download_checkpoint(model_name: str, version: int, into: Path) -> Path:
+def _download_checkpoint(client: MlflowClient, model_name: str, version: int, into: Path) -> Path:
     """Download the version's model directory; the path of its checkpoint file."""
     uri = f"models:/{model_name}/{version}"
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(into)))
+        source = client.get_model_version_download_uri(model_name, str(version))
+        tracking = client.tracking_uri
+        local = Path(download_artifacts(source, dst_path=str(into), tracking_uri=tracking))
         flavor = mlflow.models.Model.load(str(local)).flavors["python_function"]
         path = local / flavor["artifacts"][CHECKPOINT_ARTIFACT]["path"]
     except (OSError, KeyError, MlflowException) as exc:
@@ -259,12 +268,10 @@ def load_model_version(model_name: str, alias: str) -> LoadedModel:
         ModelRegistryError: no such model or alias, an unreadable artifact, or a checkpoint whose
             sha256 differs from the one recorded at registration. Never falls back to another model.
     """
-    client = MlflowClient()
+    client = _client()
     aliases = _aliases(client, model_name)
     if aliases is None:
-        raise ModelRegistryError(
-            f"no registered model named {model_name!r}: train and register one first"
-        )
+        raise ModelRegistryError(f"no registered model named {model_name!r}: register one first")
     if alias not in aliases:
         raise ModelRegistryError(
             f"model {model_name!r} has no alias {alias!r} (aliases: {aliases or 'none'}); "
@@ -274,11 +281,9 @@ def load_model_version(model_name: str, alias: str) -> LoadedModel:
     registered = client.get_model_version(model_name, str(version))
     expected = registered.tags.get(SHA256_TAG)
     if not expected:
-        raise ModelRegistryError(
-            f"{model_name} version {version} has no {SHA256_TAG} tag to verify it by: refusing it"
-        )
+        raise ModelRegistryError(f"{model_name} v{version} has no {SHA256_TAG} tag: refusing it")
     with tempfile.TemporaryDirectory(prefix="atp-model-") as tmp:
-        path = _download_checkpoint(model_name, version, Path(tmp))
+        path = _download_checkpoint(client, model_name, version, Path(tmp))
         actual = file_sha256(path)
         if actual != expected:
             raise ModelRegistryError(

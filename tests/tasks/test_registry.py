@@ -229,6 +229,29 @@ def test_pyfunc_loads_without_the_project_on_the_path(
     assert Path(model_file).parts[-3] == "code" and not Path(model_file).is_relative_to(REPO)
 
 
+def test_a_fresh_process_finds_the_models_on_the_default_store(
+    tmp_path: Path, template_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No MLFLOW_TRACKING_URI anywhere: training and a later run both use the store in ATP_HOME."""
+    import mlflow
+
+    from tasks.settings import get_settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ATP_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    settings = get_settings()
+    settings.home.mkdir()
+    shutil.copy(template_db, settings.home / "mlflow.db")
+    configure_tracking(settings.mlflow_tracking_uri, settings.artifact_root)
+    register(tmp_path, 1)
+    mlflow.set_tracking_uri(None)  # what a new process starts with
+    promote(NAME)
+    assert load_model_version(NAME, CHAMPION).version == 1
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_altered_artifact_is_refused(artifact_root: Path, tmp_path: Path) -> None:
     import mlflow
 
