@@ -94,6 +94,12 @@ class TrainConfig:
             "'surrogate' or 'two_backward'",
         )
         _require(
+            not (self.compile and self.minimax == "two_backward"),
+            "minimax",
+            self.minimax,
+            "'surrogate' when compile=True (the compiled backward cannot be run twice)",
+        )
+        _require(
             self.grad_clip is None or self.grad_clip > 0,
             "grad_clip",
             self.grad_clip,

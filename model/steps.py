@@ -1,0 +1,126 @@
+"""One training step and the validation loss, in eager mode or compiled, fp32 or bf16 autocast."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from model.config import ModelConfig, Precision, TrainConfig
+from model.losses import MinimaxLosses, minimax_losses, reconstruction_loss, surrogate_loss
+from model.network import AnomalyTransformer
+from model.windows import WindowSet
+
+
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[None]:
+    """bf16 autocast for ``precision="bf16"``; the network keeps prior, KL and softmax in fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def make_optimizer(model: torch.nn.Module, train_cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam with PyTorch's default betas and eps, no weight decay; fused kernels on CUDA."""
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return torch.optim.Adam(model.parameters(), lr=train_cfg.lr, fused=on_cuda)
+
+
+class TrainStep:
+    """Forward, minimax backward and one Adam step on a batch of windows ``(B, L, C)``.
+
+    With ``train_cfg.compile`` the forward pass and the losses are compiled (on CUDA with
+    ``mode="reduce-overhead"``, i.e. CUDA graphs); ``backend`` other than ``"inductor"`` is for
+    checking the compiled path cheaply (e.g. ``"aot_eager"``).
+    """
+
+    def __init__(
+        self,
+        model: AnomalyTransformer,
+        optimizer: torch.optim.Optimizer,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        backend: str = "inductor",
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.k = model_cfg.k
+        self.train_cfg = train_cfg
+        self.device = next(model.parameters()).device
+        self.cuda_graphs = train_cfg.compile and backend == "inductor" and self.device.type == "cuda"
+        self.losses = self._eager_losses
+        if train_cfg.compile:
+            mode = "reduce-overhead" if self.cuda_graphs else None
+            self.losses = torch.compile(self._eager_losses, backend=backend, mode=mode)
+
+    def _eager_losses(self, x: torch.Tensor) -> MinimaxLosses:
+        with autocast(self.device, self.train_cfg.precision):
+            out = self.model(x, check_finite=False)
+        return minimax_losses(out, x, self.k)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Train on ``x``; returns the detached ``(loss1, rec, discrepancy)`` of the batch."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = self.losses(x)
+        if self.train_cfg.minimax == "surrogate":
+            surrogate_loss(losses).backward()
+        else:
+            losses.loss1.backward(retain_graph=True)
+            losses.loss2.backward()
+        if self.train_cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
+        self.optimizer.step()
+        return torch.stack([losses.loss1, losses.rec, losses.discrepancy]).detach()  # (3,)
+
+
+def epoch_batches(n_windows: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Shuffled window ids `(n_batches, size)`; the last batch is topped up from the epoch's start.
+
+    Equal batches keep one shape for the compiled step (no recompilation, one CUDA graph).
+    """
+    order = torch.randperm(n_windows, generator=generator)  # (n,)
+    size = min(batch_size, n_windows)
+    n_batches = -(-n_windows // size)
+    topped_up = torch.cat([order, order[: n_batches * size - n_windows]])  # (n_batches * size,)
+    return topped_up.view(n_batches, size)
+
+
+def validation_rec(
+    model: AnomalyTransformer, windows: WindowSet, batch_size: int, precision: Precision
+) -> float:
+    """Mean reconstruction MSE over every window of ``windows`` (inference mode, eval mode)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=windows.device, dtype=torch.float64)
+    with torch.inference_mode():
+        for window_ids in torch.arange(len(windows)).split(batch_size):
+            x = windows.batch(window_ids)  # (b, L, C)
+            with autocast(windows.device, precision):
+                recon = model.reconstruct(x, check_finite=False)  # (b, L, C)
+            total += reconstruction_loss(recon, x).double() * len(window_ids)
+    model.train(was_training)
+    return float(total) / len(windows)
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels (and no cuDNN autotuning) inside the block; restored afterwards."""
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.benchmark = previous[1]
+        torch.backends.cudnn.deterministic = previous[2]

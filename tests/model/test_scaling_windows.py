@@ -1,0 +1,62 @@
+"""Scaler statistics and window starts that never cross an entity boundary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.scaling import Scaler
+from model.windows import WindowSet, window_starts
+
+
+def test_scaler_standardises_and_keeps_constant_channels_finite() -> None:
+    rng = np.random.default_rng(0)
+    values = np.column_stack([rng.normal(5.0, 2.0, 500), np.full(500, 0.1), rng.normal(0, 1, 500)])
+    scaler = Scaler.fit(values)
+    scaled = scaler.transform(values)
+    assert scaled.dtype == np.float32
+    np.testing.assert_allclose(scaled.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(scaled.std(axis=0), [1.0, 0.0, 1.0], atol=1e-5)
+    assert scaler.scale[1] == 1.0
+
+
+def test_scaler_round_trips_through_a_dict() -> None:
+    scaler = Scaler.fit(np.random.default_rng(1).normal(size=(50, 3)))
+    restored = Scaler.from_dict(scaler.to_dict())
+    np.testing.assert_array_equal(restored.mean, scaler.mean)
+    np.testing.assert_array_equal(restored.scale, scaler.scale)
+
+
+def test_scaler_rejects_bad_input() -> None:
+    scaler = Scaler.fit(np.ones((4, 2)))
+    with pytest.raises(ValueError, match="3 channels: this scaler was fitted on 2"):
+        scaler.transform(np.ones((4, 3)))
+    with pytest.raises(ValueError, match="the first is nan at row 1, column 0"):
+        Scaler.fit(np.array([[1.0, 2.0], [np.nan, 1.0]]))
+    with pytest.raises(ValueError, match="every scale > 0"):
+        Scaler.from_dict({"mean": [0.0], "scale": [0.0]})
+
+
+def test_window_starts_stay_inside_each_entity() -> None:
+    lengths, win = [10, 3, 7], 4
+    starts = window_starts(lengths, win, stride=1)
+    np.testing.assert_array_equal(starts, [0, 1, 2, 3, 4, 5, 6, 13, 14, 15, 16])
+    bounds = np.cumsum([0, *lengths])
+    for start in starts:
+        entity = np.searchsorted(bounds, start, side="right") - 1
+        assert start + win <= bounds[entity + 1]
+
+
+def test_window_starts_follow_the_stride_from_each_entity_start() -> None:
+    np.testing.assert_array_equal(window_starts([10, 9], 4, stride=3), [0, 3, 6, 10, 13])
+    assert window_starts([2, 3], 4).shape == (0,)
+
+
+def test_window_set_gathers_the_windows_it_indexes() -> None:
+    series = [np.arange(20, dtype=np.float32).reshape(10, 2), -np.ones((5, 2), np.float32)]
+    windows = WindowSet(series, win_size=4, stride=2, device=torch.device("cpu"), resident=True)
+    assert len(windows) == 4 + 1
+    batch = windows.batch(torch.tensor([1, 4]))  # (2, 4, 2)
+    np.testing.assert_array_equal(batch[0].numpy(), series[0][2:6])
+    np.testing.assert_array_equal(batch[1].numpy(), series[1][0:4])
