@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,13 +11,13 @@ from typing import Any, Literal
 import yaml
 
 CONTRACT_DIR = Path(__file__).parent
-_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _RESERVED = {"entity", "ts", "label"}
 
 
 def check_identifier(value: str, what: str) -> str:
-    """Return ``value`` if it is a safe SQL identifier (lower-case, digits, underscore), else raise."""
-    if not isinstance(value, str) or not _IDENTIFIER.match(value):
+    """Return ``value`` if it is a safe SQL identifier (lower-case, digits, '_'), else raise."""
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
         raise ValueError(
             f"{what} {value!r} is not a valid identifier: use 1-63 characters of "
             "lower-case letters, digits and '_', not starting with a digit"
@@ -67,68 +68,127 @@ class Contract:
     def table_name(self) -> str:
         return f"{self.name}_readings"
 
+    @property
+    def warehouse_columns(self) -> list[str]:
+        """Column names of the readings table, in table order."""
+        return ["entity", "ts", *self.sensor_names, *(["label"] if self.has_label else [])]
 
-def _sensor_rules(raw: dict[str, Any], contract_name: str) -> tuple[SensorRule, ...]:
-    defaults = dict(raw.get("defaults", {}))
+
+_TOP_KEYS = frozenset({
+    "name", "version", "description", "sensors", "entity_column", "timestamp_column",
+    "label_column", "timestamp_timezone", "cadence_seconds", "min_rows_per_entity",
+    "extra_columns",
+})
+_SENSOR_SECTION_KEYS = frozenset({"defaults", "columns"})
+_SENSOR_KEYS = frozenset({"name", "min", "max", "nullable"})
+
+
+def _positive_int(value: Any, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}: {key} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _bound(value: Any, key: str, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{where}: {key} must be a number or null, got {value!r}")
+    return float(value)
+
+
+def _sensor_rule(entry: Any, defaults: dict[str, Any], where: str) -> SensorRule:
+    spec = {**defaults, **(entry if isinstance(entry, dict) else {"name": entry})}
+    unknown = set(spec) - _SENSOR_KEYS
+    if unknown:
+        allowed = sorted(_SENSOR_KEYS)
+        raise ValueError(f"{where}: unknown sensor keys {sorted(unknown)}; allowed {allowed}")
+    name = check_identifier(spec.get("name"), f"{where} sensor")
+    if name in _RESERVED:
+        raise ValueError(f"{where}: sensor name {name!r} is reserved")
+    low = _bound(spec.get("min"), f"sensor {name!r} min", where)
+    high = _bound(spec.get("max"), f"sensor {name!r} max", where)
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"{where}: sensor {name!r} has min {low} > max {high}")
+    nullable = spec.get("nullable", False)
+    if not isinstance(nullable, bool):
+        raise ValueError(f"{where}: sensor {name!r} nullable must be a boolean, not {nullable!r}")
+    return SensorRule(name=name, min=low, max=high, nullable=nullable)
+
+
+def _sensor_rules(raw: Any, contract_name: str) -> tuple[SensorRule, ...]:
+    where = f"contract {contract_name!r}"
+    if not isinstance(raw, dict):
+        keys = sorted(_SENSOR_SECTION_KEYS)
+        raise ValueError(f"{where}: sensors must be a mapping with keys {keys}, got {raw!r}")
+    unknown = set(raw) - _SENSOR_SECTION_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown keys under sensors {sorted(unknown)}")
+    defaults = raw.get("defaults") or {}
     columns = raw.get("columns")
-    if not columns:
-        raise ValueError(f"contract {contract_name!r}: sensors.columns must list at least one column")
-    rules = []
-    for entry in columns:
-        spec = {**defaults, **(entry if isinstance(entry, dict) else {"name": entry})}
-        unknown = set(spec) - {"name", "min", "max", "nullable"}
-        if unknown:
-            raise ValueError(f"contract {contract_name!r}: unknown sensor keys {sorted(unknown)}")
-        name = check_identifier(str(spec["name"]), f"contract {contract_name!r} sensor")
-        if name in _RESERVED:
-            raise ValueError(f"contract {contract_name!r}: sensor name {name!r} is reserved")
-        rules.append(
-            SensorRule(
-                name=name,
-                min=None if spec.get("min") is None else float(spec["min"]),
-                max=None if spec.get("max") is None else float(spec["max"]),
-                nullable=bool(spec.get("nullable", False)),
-            )
-        )
+    if not isinstance(defaults, dict):
+        raise ValueError(f"{where}: sensors.defaults must be a mapping")
+    if not isinstance(columns, list) or not columns:
+        raise ValueError(f"{where}: sensors.columns must list at least one column")
+    rules = tuple(_sensor_rule(entry, defaults, where) for entry in columns)
     names = [r.name for r in rules]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"contract {contract_name!r}: duplicate sensor columns {duplicates}")
-    return tuple(rules)
+        raise ValueError(f"{where}: duplicate sensor columns {duplicates}")
+    return rules
+
+
+def _source_columns(raw: dict[str, Any], where: str) -> tuple[str, str, str | None]:
+    """The source names of the entity, timestamp and label columns: non-empty and distinct."""
+    names = {
+        "entity_column": raw.get("entity_column", "entity"),
+        "timestamp_column": raw.get("timestamp_column", "ts"),
+        "label_column": raw.get("label_column"),
+    }
+    for key, value in names.items():
+        if value is None and key == "label_column":
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{where}: {key} must be a non-empty string, got {value!r}")
+    given = [v for v in names.values() if v is not None]
+    if len(set(given)) != len(given):
+        raise ValueError(f"{where}: entity_column, timestamp_column and label_column must differ")
+    return names["entity_column"], names["timestamp_column"], names["label_column"]
 
 
 def contract_from_dict(raw: dict[str, Any]) -> Contract:
     """Build a Contract from its YAML mapping, naming the offending key on error."""
-    name = check_identifier(str(raw.get("name", "")), "contract name")
-    known = {
-        "name", "version", "description", "sensors", "entity_column", "timestamp_column",
-        "label_column", "timestamp_timezone", "cadence_seconds", "min_rows_per_entity",
-        "extra_columns",
-    }
-    unknown = set(raw) - known
+    name = check_identifier(raw.get("name", ""), "contract name")
+    where = f"contract {name!r}"
+    unknown = set(raw) - _TOP_KEYS
     if unknown:
-        raise ValueError(f"contract {name!r}: unknown keys {sorted(unknown)}; allowed {sorted(known)}")
-    version = raw.get("version")
-    if not isinstance(version, int) or version < 1:
-        raise ValueError(f"contract {name!r}: version must be an integer >= 1, got {version!r}")
-    min_rows = raw.get("min_rows_per_entity", 100)
-    if not isinstance(min_rows, int) or min_rows < 1:
-        raise ValueError(f"contract {name!r}: min_rows_per_entity must be >= 1, got {min_rows!r}")
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed {sorted(_TOP_KEYS)}")
+    version = _positive_int(raw.get("version"), "version", where)
+    min_rows = _positive_int(raw.get("min_rows_per_entity", 100), "min_rows_per_entity", where)
+    cadence = raw.get("cadence_seconds")
+    if cadence is not None:
+        _positive_int(cadence, "cadence_seconds", where)
     timezone = raw.get("timestamp_timezone", "naive_utc")
     if timezone not in ("aware", "naive_utc"):
-        raise ValueError(f"contract {name!r}: timestamp_timezone must be 'aware' or 'naive_utc'")
+        allowed = "'aware' or 'naive_utc'"
+        raise ValueError(f"{where}: timestamp_timezone must be {allowed}, got {timezone!r}")
     extra = raw.get("extra_columns", "forbid")
     if extra not in ("forbid", "ignore"):
-        raise ValueError(f"contract {name!r}: extra_columns must be 'forbid' or 'ignore'")
+        raise ValueError(f"{where}: extra_columns must be 'forbid' or 'ignore', got {extra!r}")
+    sensors = _sensor_rules(raw.get("sensors"), name)
+    entity_column, timestamp_column, label_column = _source_columns(raw, where)
+    clash = {entity_column, timestamp_column, label_column} & {s.name for s in sensors}
+    if clash:
+        raise ValueError(f"{where}: source columns {sorted(clash)} are also sensor names")
     return Contract(
         name=name,
         version=version,
-        sensors=_sensor_rules(raw.get("sensors") or {}, name),
-        entity_column=str(raw.get("entity_column", "entity")),
-        timestamp_column=str(raw.get("timestamp_column", "ts")),
-        label_column=raw.get("label_column"),
+        sensors=sensors,
+        entity_column=entity_column,
+        timestamp_column=timestamp_column,
+        label_column=label_column,
         timestamp_timezone=timezone,
-        cadence_seconds=raw.get("cadence_seconds"),
+        cadence_seconds=cadence,
         min_rows_per_entity=min_rows,
         extra_columns=extra,
         description=str(raw.get("description", "")),
@@ -144,8 +204,11 @@ def load_contract(name_or_path: str | Path) -> Contract:
         raise FileNotFoundError(
             f"no data contract {str(name_or_path)!r}: bundled contracts are {list_contracts()}"
         )
-    with path.open() as handle:
-        raw = yaml.safe_load(handle)
+    try:
+        with path.open() as handle:
+            raw = yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"contract file {path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ValueError(f"contract file {path}: expected a YAML mapping at the top level")
     return contract_from_dict(raw)

@@ -1,0 +1,299 @@
+"""Readings validation: clean frames pass, broken rules are named with examples, nothing crashes."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from data_contracts import Contract, load_contract
+from data_contracts.contract import contract_from_dict
+from tasks.errors import DataContractError
+from tasks.validate import ValidationReport, coerce_readings, validate_readings
+
+SMD = load_contract("smd")
+# Same rules as SMD on three sensors: GX costs about 6 ms per expectation, so tests stay fast.
+SMALL = dataclasses.replace(SMD, sensors=SMD.sensors[:3], min_rows_per_entity=10)
+SOURCE = "data/machine.csv"
+
+
+def readings(contract: Contract = SMALL, rows: int = 20) -> pd.DataFrame:
+    rng = np.random.default_rng(7)
+    parts = [
+        pd.DataFrame({
+            "entity": entity,
+            "ts": pd.date_range("2020-01-01", periods=rows, freq="min"),
+            **{name: rng.uniform(0.0, 1.0, rows) for name in contract.sensor_names},
+            "label": rng.integers(0, 2, rows),
+        })
+        for entity in ("m-1", "m-2")
+    ]
+    return pd.concat(parts, ignore_index=True)
+
+
+def report_of(frame: pd.DataFrame, contract: Contract = SMALL, **kwargs: int) -> str:
+    with pytest.raises(DataContractError) as caught:
+        validate_readings(frame, contract, source=SOURCE, **kwargs)
+    return caught.value.report
+
+
+def line_of(report: str, rule: str, column: str | None) -> str:
+    prefix = f"- {rule} [{column}]:" if column else f"- {rule}:"
+    lines = [line for line in report.splitlines() if line.startswith(prefix)]
+    assert lines, f"no {prefix!r} line in:\n{report}"
+    return lines[0]
+
+
+def test_clean_smd_frame_passes() -> None:
+    report = validate_readings(readings(SMD, rows=120), SMD, source=SOURCE)
+    assert report == ValidationReport(SOURCE, 240, 2, report.checks, report.checks)
+    assert report.checks > 3 * len(SMD.sensors)
+
+
+def test_smd_frame_with_nan_fails_on_the_full_contract() -> None:
+    frame = readings(SMD, rows=120)
+    frame.loc[130, "m38"] = np.nan
+    line = line_of(report_of(frame, SMD), "expect_column_values_to_not_be_null", "m38")
+    assert "null or NaN values: 1; e.g. ('m-2', 2020-01-01 00:10:00, nan)" in line
+
+
+def _set(row: int, column: str, value: object) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    def mutate(frame: pd.DataFrame) -> pd.DataFrame:
+        frame[column] = frame[column].astype(object) if isinstance(value, str) else frame[column]
+        frame.loc[row, column] = value
+        return frame
+
+    return mutate
+
+
+def _text_column(frame: pd.DataFrame) -> pd.DataFrame:
+    frame["m01"] = frame["m01"].astype(str)  # what a CSV reader gives for a column holding text
+    frame.loc[2, "m01"] = "n/a"
+    return frame
+
+
+def _swap_ts(frame: pd.DataFrame) -> pd.DataFrame:
+    frame.loc[[8, 9], "ts"] = frame.loc[[9, 8], "ts"].to_numpy()
+    return frame
+
+
+CASES = {
+    "nan": (_set(3, "m02", np.nan), "expect_column_values_to_not_be_null", "m02", "00:03:00, nan)"),
+    "inf": (_set(4, "m01", np.inf), "finite_values", "m01", "('m-1', 2020-01-01 00:04:00, inf)"),
+    "range": (_set(5, "m03", 1e6), "expect_column_values_to_be_between", "m03", "1000000.0)"),
+    "missing": (lambda f: f.drop(columns="m02"), "expect_column_to_exist", "m02", "affected: 40"),
+    "extra": (lambda f: f.assign(pressure=1.0), "expect_table_columns_to_match_set", None,
+              "['pressure']"),
+    "text": (_text_column, "expect_column_values_to_be_in_type_list", "m01", "00:02:00, 'n/a')"),
+    "mixed": (_set(6, "m01", "oops"), "expect_column_values_to_be_in_type_list", "m01", "'oops')"),
+    "dup": (_set(7, "ts", pd.Timestamp("2020-01-01 00:06")), "unique_timestamps_per_entity", "ts",
+            "('m-1', 2020-01-01 00:06:00, 2020-01-01 00:06:00)"),
+    "decreasing": (_swap_ts, "increasing_timestamps_per_entity", "ts",
+                   "('m-1', 2020-01-01 00:08:00"),
+    "aware": (lambda f: f.assign(ts=f["ts"].dt.tz_localize("UTC")), "timestamp_timezone", "ts",
+              "2020-01-01 00:00:00+00:00"),
+    "label": (_set(1, "label", 2), "expect_column_values_to_be_in_set", "label", "00:01:00, 2)"),
+    "empty": (lambda f: f.iloc[:0], "expect_table_row_count_to_be_between", None, "required: 0"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_broken_rule_is_named_with_examples(case: str) -> None:
+    mutate, rule, column, example = CASES[case]
+    report = report_of(mutate(readings()))
+    assert report.splitlines()[0].startswith(f"data contract smd v1 broken by {SOURCE}:")
+    assert example in line_of(report, rule, column)
+
+
+def test_series_shorter_than_min_rows_fails() -> None:
+    validate_readings(readings(rows=20), SMALL, source=SOURCE, min_rows=20)
+    line = line_of(report_of(readings(rows=20), min_rows=21), "min_rows_per_entity", "entity")
+    assert "fewer than 21 rows: 2; e.g. ('m-1', -, 20 rows), ('m-2', -, 20 rows)" in line
+    line_of(report_of(readings(rows=5)), "min_rows_per_entity", "entity")  # contract's 10
+
+
+def test_every_broken_rule_is_reported_with_at_most_five_examples() -> None:
+    frame = readings()
+    frame.loc[0:9, "m02"] = np.nan
+    frame.loc[3, "m03"] = -np.inf
+    report = report_of(frame.drop(columns="label"))
+    assert len(report.splitlines()) == 1 + 4  # not null, range, finite, missing label
+    assert line_of(report, "expect_column_values_to_not_be_null", "m02").count("('m-1'") == 5
+    assert ": 10; e.g." in report
+
+
+def test_accepted_variants() -> None:
+    frame = readings()
+    validate_readings(frame[frame.columns[::-1]], SMALL, source=SOURCE)  # column order
+    validate_readings(frame.set_index(frame.index + 100), SMALL, source=SOURCE)  # any index
+    ints = frame.assign(m01=np.arange(len(frame)) % 2, m02=frame["m02"].astype("Float64"))
+    validate_readings(ints, SMALL, source=SOURCE)  # int and nullable float sensors
+    first = dataclasses.replace(SMALL.sensors[0], nullable=True)
+    nullable = dataclasses.replace(SMALL, sensors=(first, *SMALL.sensors[1:]))
+    validate_readings(frame.assign(m01=np.nan), nullable, source=SOURCE)
+    unlabelled = dataclasses.replace(SMALL, label_column=None)
+    validate_readings(frame.drop(columns="label"), unlabelled, source=SOURCE)
+    with_nulls = frame.assign(label=pd.array([pd.NA] * len(frame), dtype="Int64"))
+    validate_readings(with_nulls, SMALL, source=SOURCE)
+
+
+def test_aware_contract_accepts_aware_and_warehouse_naive_timestamps() -> None:
+    aware = dataclasses.replace(SMALL, timestamp_timezone="aware")
+    frame = readings()
+    paris = frame.assign(ts=frame["ts"].dt.tz_localize("Europe/Paris"))
+    validate_readings(paris, aware, source=SOURCE)
+    validate_readings(frame, aware, source=SOURCE)
+    mixed = frame.astype({"ts": object})
+    mixed.loc[3, "ts"] = pd.Timestamp("2020-01-01 00:03", tz="UTC")
+    line = line_of(report_of(mixed), "timestamp_timezone", "ts")
+    assert "mixed naive and aware timestamps (39 naive, 1 aware)" in line
+
+
+def test_validation_writes_nothing_back() -> None:
+    frame = readings()
+    frame.loc[3, "m02"] = np.inf
+    before = frame.copy()
+    report_of(frame.assign(ts=frame["ts"].dt.tz_localize("UTC")))
+    pd.testing.assert_frame_equal(frame, before)
+
+
+# --- coerce_readings: source names and text timestamps to the warehouse form --------------------
+
+PLANT = contract_from_dict({
+    "name": "plant", "version": 2, "entity_column": "machine", "timestamp_column": "time",
+    "label_column": "anomaly", "timestamp_timezone": "aware", "min_rows_per_entity": 2,
+    "sensors": {"columns": ["temp", {"name": "flow", "nullable": True}]},
+})
+
+
+def plant_source(times: list[str]) -> pd.DataFrame:
+    rows = len(times)
+    return pd.DataFrame({
+        "flow": [1.0] * rows, "anomaly": [0] * rows, "time": times,
+        "machine": ["p1"] * rows, "temp": np.linspace(0, 1, rows),
+    })
+
+
+def coerce_report(frame: pd.DataFrame, contract: Contract = PLANT) -> str:
+    with pytest.raises(DataContractError) as caught:
+        coerce_readings(frame, contract, source="plant.csv")
+    return caught.value.report
+
+
+def test_coerce_renames_orders_and_converts_to_naive_utc() -> None:
+    times = ["2024-03-31T00:30:00+01:00", "2024-03-31T03:30:00+02:00", "2024-03-31T02:00:00Z"]
+    out = coerce_readings(plant_source(times), PLANT, source="plant.csv")
+    assert list(out.columns) == ["entity", "ts", "temp", "flow", "label"]
+    assert list(out["ts"]) == [pd.Timestamp("2024-03-30 23:30"), pd.Timestamp("2024-03-31 01:30"),
+                               pd.Timestamp("2024-03-31 02:00")]
+    assert validate_readings(out, PLANT, source="plant.csv").rows == 3
+
+
+def test_coerce_naive_text_for_a_naive_contract() -> None:
+    frame = readings().astype({"ts": str})
+    frame["ts"] = frame["ts"].str.replace(" ", "T")
+    out = coerce_readings(frame, SMALL, source=SOURCE)
+    pd.testing.assert_series_equal(out["ts"], readings()["ts"], check_dtype=False)
+    validate_readings(out, SMALL, source=SOURCE)
+
+
+@pytest.mark.parametrize(
+    ("times", "rule", "example"),
+    [
+        (["2024-01-01T00:00Z", "yesterday"], "timestamp_parse", "('p1', 'yesterday', 'yesterday')"),
+        (["2024-01-01T00:00", "2024-01-01T00:01"], "timestamp_timezone", "naive timestamps where"),
+        (["2024-01-01T00:00Z", "2024-01-01T00:01"], "timestamp_timezone", "(1 naive, 1 aware)"),
+    ],
+)
+def test_coerce_reports_bad_timestamps(times: list[str], rule: str, example: str) -> None:
+    assert example in line_of(coerce_report(plant_source(times)), rule, "ts")
+
+
+def test_coerce_reports_aware_text_for_a_naive_contract_and_numbers() -> None:
+    frame = readings().astype({"ts": str})
+    report = coerce_report(frame.assign(ts=frame["ts"] + "Z"), SMALL)
+    line = line_of(report, "timestamp_timezone", "ts")
+    assert "time-zone-aware timestamps where naive UTC is required: 40" in line
+    line = line_of(coerce_report(frame.assign(ts=range(40)), SMALL), "timestamp_parse", "ts")
+    assert "values of dtype int64" in line
+
+
+def test_coerce_columns() -> None:
+    source = plant_source(["2024-01-01T00:00:00Z", "2024-01-01T00:01:00Z"])
+    assert list(coerce_readings(source.assign(x=1), PLANT, source="p")
+                .columns) == ["entity", "ts", "temp", "flow", "label", "x"]
+    ignoring = dataclasses.replace(PLANT, extra_columns="ignore")
+    assert "x" not in coerce_readings(source.assign(x=1), ignoring, source="p").columns
+    line = line_of(coerce_report(source.assign(entity="p2")), "unique_column_names", None)
+    assert "['entity']" in line
+    blank = coerce_readings(source.assign(time=["2024-01-01T00:00:00Z", " "]), PLANT, source="p")
+    line_of(report_of(blank, PLANT), "expect_column_values_to_not_be_null", "ts")
+
+
+# --- property: random frames give a report or a contract error, never another exception --------
+
+CELLS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3), st.none(),
+    st.sampled_from(["n/a", "1.5", "", "inf"]),
+)
+TIMES = st.one_of(
+    st.integers(0, 40).map(lambda m: f"2020-01-01T00:{m:02d}:00"),
+    st.integers(0, 40).map(lambda m: f"2020-01-01T00:{m:02d}:00+01:00"),
+    st.sampled_from(["", "garbage", "2020-13-45T00:00:00"]),
+)
+
+
+@st.composite
+def frames(draw: st.DrawFn) -> tuple[pd.DataFrame, bool]:
+    """Mostly clean frames with, each now and then, one kind of damage or more."""
+    rows = draw(st.integers(0, 24))
+
+    def column(values: st.SearchStrategy) -> list:
+        return draw(st.lists(values, min_size=rows, max_size=rows))
+
+    def now_and_then() -> bool:
+        return draw(st.integers(0, 5)) == 5
+
+    minutes = sorted(draw(st.lists(st.integers(0, 500), min_size=rows, max_size=rows, unique=True)))
+    if now_and_then():
+        minutes = column(st.integers(0, 30))  # duplicates and decreasing timestamps
+    data: dict[str, object] = {
+        "entity": column(st.sampled_from(["a", "b", "c"])),
+        "ts": pd.Timestamp("2020-01-01") + pd.to_timedelta(minutes, unit="min"),
+    }
+    clean = st.floats(-1.0, 2.0)
+    for name in SMALL.sensor_names:
+        data[name] = column(st.one_of(clean, CELLS) if now_and_then() else clean)
+    data["label"] = column(st.sampled_from([0, 1, 2, None] if now_and_then() else [0, 1]))
+    frame = pd.DataFrame(data)
+    if now_and_then():
+        frame = frame.drop(columns=draw(st.sampled_from(list(frame.columns))))
+    if now_and_then():
+        frame["extra"] = 0.0
+    as_text = "ts" in frame and now_and_then()
+    if as_text:
+        frame["ts"] = column(TIMES)
+    return frame, as_text
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames())
+def test_random_frames_pass_or_fail_cleanly(case: tuple[pd.DataFrame, bool]) -> None:
+    frame, as_text = case
+    before = frame.copy()
+    try:
+        readings_ = coerce_readings(frame, SMALL, source="random.csv") if as_text else frame
+        report = validate_readings(readings_, SMALL, source="random.csv", min_rows=1)
+    except DataContractError as error:
+        assert error.report.startswith("data contract smd v1 broken by random.csv:")
+        assert len(error.report.splitlines()) >= 2
+        event("contract error")
+    else:
+        assert report.rows == len(frame) > 0 and report.checks == report.passed
+        event("clean")
+    pd.testing.assert_frame_equal(frame, before)
