@@ -1,0 +1,209 @@
+"""Read source files faithfully: SMD in its published layout, and generic CSV or Parquet files.
+
+Every reader reads and checks everything before it returns, so a bad file loads nothing; errors are
+IngestError naming the file and, where there is one, the line and an example.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import re
+import zlib
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_contracts.contract import Contract, load_contract
+from tasks.errors import IngestError
+
+SMD_ORIGIN = datetime(2020, 1, 1)  # naive UTC; SMD has no timestamps, so rows count from here
+SMD_PARTS = ("train", "test", "test_label")
+_SMD_FILE = re.compile(r"(machine-\d+-\d+)\.txt(\.gz)?")
+_NUMBER = re.compile(r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*")
+_GZIP_MAGIC = b"\x1f\x8b"
+_PARQUET_MAGIC = b"PAR1"
+
+
+@dataclass(frozen=True)
+class SmdLoad:
+    """All machines with data as one frame (warehouse columns), machines skipped, files read."""
+
+    frame: pd.DataFrame
+    skipped: list[str]
+    files: list[Path]
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, for the ingest log."""
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _read_text(path: Path) -> str:
+    """The decoded text of a plain or gzip file; refuses a file that is not what its name says."""
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        if not raw.startswith(_GZIP_MAGIC):
+            raise IngestError(f"{path}: named .gz but is not gzip data")
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as error:
+            raise IngestError(f"{path}: truncated or corrupt gzip data ({error})") from error
+    elif raw.startswith(_GZIP_MAGIC):
+        raise IngestError(f"{path}: gzip data in a file not named .gz")
+    if raw.startswith(_PARQUET_MAGIC) or b"\x00" in raw[:65536]:
+        raise IngestError(f"{path}: binary data, not text")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise IngestError(f"{path}: not UTF-8 text (byte {error.start})") from error
+    if not text.strip():
+        raise IngestError(f"{path}: empty file")
+    return text
+
+
+def _read_values(path: Path, width: int) -> np.ndarray:
+    """A headerless comma-separated file of exactly ``width`` numbers per line, as float64."""
+    text = _read_text(path)
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if line.count(",") != width - 1:
+            raise IngestError(f"{path}: line {number} has {line.count(',') + 1} values, expected "
+                              f"{width}: {line[:80]!r}")
+    try:
+        frame = pd.read_csv(io.StringIO(text), header=None, dtype=np.float64, na_filter=False)
+    except ValueError as error:
+        raise _not_a_number(path, lines, error) from error
+    return frame.to_numpy()
+
+
+def _not_a_number(path: Path, lines: list[str], error: ValueError) -> IngestError:
+    for number, line in enumerate(lines, start=1):
+        for column, token in enumerate(line.split(","), start=1):
+            if not _NUMBER.fullmatch(token):
+                return IngestError(f"{path}: line {number}, value {column} is not a number: "
+                                   f"{token[:40]!r}")
+    return IngestError(f"{path}: {error}")
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    """One 0/1 label per line."""
+    lines = _read_text(path).splitlines()
+    for number, line in enumerate(lines, start=1):
+        if line.strip() not in ("0", "1"):
+            raise IngestError(f"{path}: line {number} is not a 0/1 label: {line[:40]!r}")
+    return np.array([int(line) for line in lines], dtype=np.int64)
+
+
+def _smd_files(root: Path) -> dict[str, dict[str, Path]]:
+    """Machine name -> {part: file} for the parts present under ``root``."""
+    if (root / "ServerMachineDataset").is_dir():
+        root = root / "ServerMachineDataset"
+    missing = [part for part in SMD_PARTS if not (root / part).is_dir()]
+    if missing:
+        raise IngestError(f"{root}: not the SMD layout, missing folders {missing}")
+    machines: dict[str, dict[str, Path]] = {}
+    for part in SMD_PARTS:
+        for path in sorted((root / part).glob("machine-*")):
+            match = _SMD_FILE.fullmatch(path.name)
+            if match is None:
+                raise IngestError(f"{path}: expected machine-<g>-<i>.txt or .txt.gz")
+            if part in machines.setdefault(match[1], {}):
+                raise IngestError(f"{path}: {part} holds both .txt and .txt.gz for {match[1]}")
+            machines[match[1]][part] = path
+    return machines
+
+
+def _read_machine(name: str, files: dict[str, Path], sensors: list[str],
+                  cadence: int) -> pd.DataFrame:
+    """Train rows then test rows as one series; label null on train rows, 0/1 on test rows."""
+    train = _read_values(files["train"], len(sensors))
+    test = _read_values(files["test"], len(sensors))
+    labels = _read_labels(files["test_label"])
+    if len(labels) != len(test):
+        raise IngestError(f"{files['test_label']}: {len(labels)} labels, but {files['test']} "
+                          f"has {len(test)} rows")
+    frame = pd.DataFrame(np.vstack([train, test]), columns=sensors)
+    frame.insert(0, "entity", pd.Series(name, index=frame.index, dtype="str"))
+    frame.insert(1, "ts", pd.date_range(SMD_ORIGIN, periods=len(frame), freq=f"{cadence}s",
+                                        unit="us"))
+    unlabelled = np.arange(len(frame)) < len(train)
+    values = np.concatenate([np.zeros(len(train), np.int64), labels])
+    frame["label"] = pd.arrays.IntegerArray(values, unlabelled)
+    return frame
+
+
+def read_smd(root: Path) -> SmdLoad:
+    """Read SMD's published layout ``root/{train,test,test_label}/machine-*.txt[.gz]``.
+
+    ``root`` may also be the folder that holds ``ServerMachineDataset/``. Each machine's train
+    rows then test rows form one series, one row per ``cadence_seconds`` of the smd contract from
+    ``SMD_ORIGIN``, with columns ``entity, ts, m01..m38, label``. A machine with labels but no data
+    is listed in ``skipped``; any other incomplete machine or bad file raises IngestError.
+    """
+    contract = load_contract("smd")
+    if contract.cadence_seconds is None:
+        raise ValueError("the smd contract must set cadence_seconds")
+    frames: list[pd.DataFrame] = []
+    skipped: list[str] = []
+    files: list[Path] = []
+    for name, parts in sorted(_smd_files(Path(root)).items()):
+        if set(parts) == {"test_label"}:
+            skipped.append(name)
+            continue
+        absent = [part for part in SMD_PARTS if part not in parts]
+        if absent:
+            found = ", ".join(str(path) for path in parts.values())
+            raise IngestError(f"{name}: found {found} but no {' or '.join(absent)} file")
+        frames.append(_read_machine(name, parts, contract.sensor_names, contract.cadence_seconds))
+        files += [parts[part] for part in SMD_PARTS]
+    if not frames:
+        raise IngestError(f"{root}: no machine has train and test data")
+    return SmdLoad(pd.concat(frames, ignore_index=True), skipped, files)
+
+
+def read_table(path: Path, contract: Contract) -> pd.DataFrame:
+    """A CSV (``,`` or ``;`` separated, optionally .csv.gz) or Parquet file, columns as written.
+
+    CSV entity and timestamp columns stay text (parsing is validation's job); nothing is renamed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise IngestError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise IngestError(f"{path}: empty file")
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        frame = _read_parquet(path)
+    elif name.endswith((".csv", ".csv.gz")):
+        frame = _read_csv(path, contract)
+    else:
+        raise IngestError(f"{path}: unsupported file type; use .csv, .csv.gz or .parquet")
+    if frame.empty:
+        raise IngestError(f"{path}: no data rows")
+    return frame
+
+
+def _read_csv(path: Path, contract: Contract) -> pd.DataFrame:
+    text = _read_text(path)
+    header = text.partition("\n")[0]
+    separator = ";" if header.count(";") > header.count(",") else ","
+    text_columns = {contract.entity_column: "str", contract.timestamp_column: "str"}
+    try:
+        return pd.read_csv(io.StringIO(text), sep=separator, dtype=text_columns)
+    except ValueError as error:
+        raise IngestError(f"{path}: {error}") from error
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pq.read_table(path).to_pandas()
+    except (pa.ArrowInvalid, OSError) as error:
+        raise IngestError(f"{path}: not a readable Parquet file ({error})") from error

@@ -1,0 +1,57 @@
+"""Shared fixtures: a SQLite warehouse in a temporary file, a fresh PostgreSQL database."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tasks.settings import apply_quiet_defaults
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "ATP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Telemetry off before any test module imports Prefect or MLflow."""
+    apply_quiet_defaults()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A SQLite warehouse in a file of its own."""
+    return f"sqlite:///{tmp_path / 'warehouse.db'}"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database ``atp_test_<random>``, dropped afterwards.
+
+    Fails (never skips) when the server is unreachable: postgres tests must run in CI. A test that
+    uses it directly marks itself ``@pytest.mark.postgres``; ``warehouse_url`` does so itself.
+    """
+    name = f"atp_test_{secrets.token_hex(6)}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as error:
+        admin.dispose()
+        pytest.fail(f"PostgreSQL at {admin.url!r} is unreachable: {error}", pytrace=False)
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def warehouse_url(request: pytest.FixtureRequest) -> str:
+    """Each warehouse backend in turn: the test runs on SQLite and on PostgreSQL."""
+    return str(request.getfixturevalue(f"{request.param}_url"))
