@@ -62,6 +62,12 @@ def calibrate(
     scores = validation_scores(checkpoint_path, dataset)
     fit_threshold = conformal_threshold if method == "conformal" else quantile_threshold
     threshold = float(fit_threshold(scores, alpha))
+    if not np.isfinite(threshold):
+        raise DataContractError(
+            f"{dataset.source}: {scores.size} held-out scores cannot support a false-alarm rate of "
+            f"{alpha}: conformal calibration needs at least {int(np.ceil(1 / alpha)) - 1}; "
+            "raise alpha, val_fraction or the length of the training range"
+        )
     checkpoint = load_checkpoint(checkpoint_path)
     extras = {
         **checkpoint.extras,

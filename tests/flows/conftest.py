@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.params import ModelParams, TrainFlowParams, TrainingParams
+from flows.params import CalibrationParams, ModelParams, TrainFlowParams, TrainingParams
 
 N_SENSORS = 38
 TRAIN_ROWS = 300
@@ -67,5 +67,6 @@ def tiny_training() -> TrainFlowParams:
     return TrainFlowParams(
         model=ModelParams(win_size=20, d_model=16, n_heads=2, e_layers=1, d_ff=16),
         training=TrainingParams(max_epochs=1, max_steps=15, batch_size=32, stride=2, lr=1e-3),
+        calibration=CalibrationParams(alpha=0.02),
         promote=True,
     )
