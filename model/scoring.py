@@ -63,14 +63,6 @@ def designated_starts(points: torch.Tensor, method: str, n_points: int, win: int
     return (points - win + 1).clamp(min=0)
 
 
-def _window_starts(method: str, n_points: int, win: int, skip: int) -> torch.Tensor:
-    """Starts of the windows needed to score points ``skip .. n_points - 1``."""
-    if method == "recon_mean":
-        return torch.arange(max(0, skip - win + 1), n_points - win + 1)
-    points = torch.arange(skip, n_points)
-    return torch.unique(designated_starts(points, method, n_points, win))
-
-
 def _as_series(values: np.ndarray | torch.Tensor, model: AnomalyTransformer, device: torch.device) -> torch.Tensor:
     series = torch.as_tensor(values, dtype=torch.float32).to(device)  # (T, C)
     win, n_channels = model.cfg.win_size, model.cfg.n_channels
@@ -100,26 +92,66 @@ def _check_arguments(method: str, skip: int, n_points: int, batch_size: int, pre
         raise ValueError(f"invalid precision={precision!r}: expected 'fp32' or 'bf16'")
 
 
-def _assemble(
-    out: torch.Tensor, weighted: torch.Tensor, rows: torch.Tensor, method: str, win: int, skip: int
-) -> None:
-    """Write (or, for ``recon_mean``, add) a batch's window values into ``out`` `(T - skip, C)`."""
-    n_points = out.shape[0] + skip
-    if method == "recon_mean":
-        keep = rows >= skip  # (b, L)
-        out.index_put_((rows[keep] - skip,), weighted[keep], accumulate=True)
-        return
-    starts = rows[:, :1]  # (b, 1)
-    keep = (designated_starts(rows, method, n_points, win) == starts) & (rows >= skip)  # (b, L)
-    out[rows[keep] - skip] = weighted[keep]
+class _WindowBatches:
+    """Weighted squared errors of windows of one series, computed a batch at a time."""
+
+    def __init__(
+        self,
+        model: AnomalyTransformer,
+        series: torch.Tensor,
+        method: str,
+        precision: Precision,
+        batch_size: int,
+        compile: bool,
+    ) -> None:
+        self.model, self.series, self.method, self.precision = model, series, method, precision
+        self.batch_size, self.compile = batch_size, compile
+        self.offsets = torch.arange(model.cfg.win_size, device=series.device)  # (L,)
+        self.contribute = torch.compile(window_contributions, dynamic=False) if compile else window_contributions
+
+    def weighted(self, starts: torch.Tensor) -> torch.Tensor:
+        """`(n, L, C)` for the windows starting at ``starts`` `(n,)` (device rows)."""
+        n_windows = len(starts)
+        if self.compile:  # one shape for every call: top the last batch up with its last window
+            starts = torch.cat([starts, starts[-1:].expand(self.batch_size - n_windows)])
+        rows = starts[:, None] + self.offsets  # (b, L)
+        windows = self.series[rows]  # (b, L, C)
+        return self.contribute(self.model, windows, self.method, self.precision)[:n_windows]
 
 
-def _coverage(n_points: int, win: int, skip: int, device: torch.device) -> torch.Tensor:
-    """How many windows contain each point ``skip .. n_points - 1``, as `(T - skip, 1)`."""
+def _take_from_windows(batches: _WindowBatches, skip: int) -> torch.Tensor:
+    """Each point ``skip..T-1`` takes its value from its designated window: `(T - skip, C)`."""
+    n_points, win = batches.series.shape[0], batches.model.cfg.win_size
+    device, size = batches.series.device, batches.batch_size
+    points = torch.arange(skip, n_points)  # (P,) on the host
+    designated = designated_starts(points, batches.method, n_points, win)  # (P,) non-decreasing
+    starts = torch.unique_consecutive(designated)  # (n_windows,)
+    window_of_point = torch.searchsorted(starts, designated)  # (P,)
+    bounds = torch.searchsorted(window_of_point, torch.arange(0, len(starts) + size, size)).tolist()
+    position = (points - designated).to(device)  # (P,)
+    window_index = window_of_point.to(device)  # (P,)
+    out = torch.empty(len(points), batches.series.shape[1], device=device)  # (P, C)
+    for batch, first in enumerate(range(0, len(starts), size)):
+        weighted = batches.weighted(starts[first : first + size].to(device))  # (b, L, C)
+        low, high = bounds[batch], bounds[batch + 1]
+        out[low:high] = weighted[window_index[low:high] - first, position[low:high]]
+    return out
+
+
+def _mean_over_windows(batches: _WindowBatches, skip: int) -> torch.Tensor:
+    """Each point's average over every window containing it: `(T - skip, C)`."""
+    n_points, win = batches.series.shape[0], batches.model.cfg.win_size
+    device = batches.series.device
+    out = torch.zeros(n_points - skip, batches.series.shape[1], device=device)  # (P, C)
+    starts = torch.arange(max(0, skip - win + 1), n_points - win + 1, device=device)
+    for batch in starts.split(batches.batch_size):
+        weighted = batches.weighted(batch)  # (b, L, C)
+        rows = batch[:, None] + batches.offsets  # (b, L)
+        kept = weighted * (rows >= skip).unsqueeze(-1)  # (b, L, C): context points add nothing
+        out.index_put_(((rows - skip).clamp(min=0).flatten(),), kept.flatten(0, 1), accumulate=True)
     points = torch.arange(skip, n_points, device=device)
-    first = (points - win + 1).clamp(min=0)
-    last = points.clamp(max=n_points - win)
-    return (last - first + 1).unsqueeze(-1).float()
+    coverage = points.clamp(max=n_points - win) - (points - win + 1).clamp(min=0) + 1  # (P,)
+    return out / coverage.unsqueeze(-1)
 
 
 def score_series(
@@ -145,22 +177,14 @@ def score_series(
     target = next(model.parameters()).device if device is None else resolve_device(str(device))
     model.to(target)
     series = _as_series(values, model, target)  # (T, C)
-    n_points, win = series.shape[0], model.cfg.win_size
-    _check_arguments(method, skip, n_points, batch_size, precision)
-    contribute = torch.compile(window_contributions, dynamic=False) if compile else window_contributions
-    out = torch.zeros(n_points - skip, model.cfg.n_channels, device=target)  # (T - skip, C)
-    offsets = torch.arange(win, device=target)  # (L,)
+    _check_arguments(method, skip, series.shape[0], batch_size, precision)
+    batches = _WindowBatches(model, series, method, precision, batch_size, compile)
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        for batch in _window_starts(method, n_points, win, skip).to(target).split(batch_size):
-            n_windows = len(batch)
-            if compile:  # one shape for every call: top the last batch up with its last window
-                batch = torch.cat([batch, batch[-1:].expand(batch_size - n_windows)])
-            rows = batch[:, None] + offsets  # (b, L)
-            weighted = contribute(model, series[rows], method, precision)[:n_windows]  # (b, L, C)
-            _assemble(out, weighted, rows[:n_windows], method, win, skip)
         if method == "recon_mean":
-            out /= _coverage(n_points, win, skip, target)
+            contributions = _mean_over_windows(batches, skip)  # (T - skip, C)
+        else:
+            contributions = _take_from_windows(batches, skip)  # (T - skip, C)
     model.train(was_training)
-    return ScoreResult(out.sum(dim=1).cpu().numpy(), out.cpu().numpy())
+    return ScoreResult(contributions.sum(dim=1).cpu().numpy(), contributions.cpu().numpy())

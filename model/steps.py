@@ -57,21 +57,26 @@ class TrainStep:
             out = self.model(x, check_finite=False)
         return minimax_losses(out, x, self.k)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Train on ``x``; returns the detached ``(loss1, rec, discrepancy)`` of the batch."""
+    def backward(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward and minimax backward (gradients accumulate); the detached batch stats."""
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        self.optimizer.zero_grad(set_to_none=True)
         losses = self.losses(x)
         if self.train_cfg.minimax == "surrogate":
             surrogate_loss(losses).backward()
         else:
             losses.loss1.backward(retain_graph=True)
             losses.loss2.backward()
+        return torch.stack([losses.loss1, losses.rec, losses.discrepancy]).detach()  # (3,)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Train on ``x``; returns the detached ``(loss1, rec, discrepancy)`` of the batch."""
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = self.backward(x)
         if self.train_cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
         self.optimizer.step()
-        return torch.stack([losses.loss1, losses.rec, losses.discrepancy]).detach()  # (3,)
+        return stats
 
 
 def epoch_batches(n_windows: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:

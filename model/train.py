@@ -208,6 +208,7 @@ def _train_epoch(
     """One epoch (or up to ``max_steps``); the mean ``(loss1, rec, discrepancy)`` and step count."""
     step.model.train()
     batches = epoch_batches(len(windows), train_cfg.batch_size, generator)  # (n_batches, B)
+    batches = batches.to(windows.starts.device)  # one copy per epoch, none per step
     every = max(1, len(batches) // PROGRESS_LINES) if len(batches) >= MIN_STEPS_FOR_LINES else 0
     sums = torch.zeros(3, device=windows.device)
     steps = 0
