@@ -45,6 +45,7 @@ from bench.measure import (
 )
 from bench.profile_step import kernel_profile, profile_markdown
 from model.network import AnomalyTransformer
+from model.scoring import score_series
 from model.steps import TrainStep
 from model.windows import WindowSet
 
@@ -84,15 +85,16 @@ def train_table(rows: list[dict[str, Any]], settings: Settings) -> str:
         f"Training (batch {settings.batch}, window {settings.model.win_size}, "
         f"{settings.model.n_channels} channels, d_model {settings.model.d_model}):",
         "",
-        "| variant | windows/s [block range] | ms/step | peak GiB | TFLOP/s | % of bf16 floor "
-        "| grad rel. L2 vs fp32 | warm-up s |",
+        "| variant | windows/s [block range] | ms/step | peak GiB steady (warm-up) | TFLOP/s "
+        "| % of bf16 floor | grad rel. L2 vs fp32 | warm-up s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         low, high = r["block_range"]
         lines.append(
             f"| {r['variant']} | **{_number(r['windows_per_s'])}** [{_number(low)}–{_number(high)}] "
-            f"| {r['ms_per_step']:.2f} | {_number(r['peak_gib'], 2)} | {r['tflops']:.1f} "
+            f"| {r['ms_per_step']:.2f} | {_number(r['peak_gib'], 2)} "
+            f"({_number(r['warmup_peak_gib'], 2)}) | {r['tflops']:.1f} "
             f"| {100 * r['floor_share']:.1f}% | {r['grad_rel_l2']:.1e} | {r['warmup_s']:.1f} |"
         )
     return "\n".join(lines)
@@ -142,8 +144,13 @@ def run_training(
 
 
 def run_scoring(
-    settings: Settings, model: AnomalyTransformer, device: torch.device, compile_ok: bool
+    settings: Settings,
+    model: AnomalyTransformer,
+    device: torch.device,
+    compile_ok: bool,
+    profiles: dict[str, Any] | None,
 ) -> list[dict[str, Any]]:
+    """Every scoring variant; with ``profiles``, the kernel profile of each compiled one."""
     test = inject_anomalies(smd_like(settings.test_rows, settings.model.n_channels, seed=1), seed=2)
     series = torch.from_numpy(test).to(device)  # (T, C)
     recon_rows = settings.recon_points + settings.model.win_size - 1
@@ -159,6 +166,14 @@ def run_scoring(
         row["top_overlap"] = top_overlap(scores, baselines[method])
         print(f"score | {row['variant']}: {row['windows_per_s']:,.0f} windows/s", flush=True)
         rows.append(row)
+        if compiled and profiles is not None:
+            profiles[row["variant"]] = kernel_profile(
+                lambda: score_series(
+                    model, values[method], method, batch_size=settings.score_batch,
+                    precision=precision, compile=True,  # type: ignore[arg-type]
+                ),
+                steps=1,
+            )
     return rows
 
 
@@ -189,12 +204,13 @@ def main() -> None:
     train_rows, fast_step, windows = run_training(settings, device, compile_ok)
     sections = [train_table(train_rows, settings)]
     profiles: dict[str, Any] = {}
-    if args.profile and device.type == "cuda":
+    profiling = args.profile and device.type == "cuda"
+    if profiling:
         ids = torch.arange(settings.batch, device=device)
-        profiles["train"] = kernel_profile(lambda: fast_step(windows.batch(ids)), steps=10)
-        sections.append(profile_markdown(train_rows[-1]["variant"], profiles["train"]))
-    score_rows = run_scoring(settings, fast_step.model, device, compile_ok)
+        profiles[train_rows[-1]["variant"]] = kernel_profile(lambda: fast_step(windows.batch(ids)), 10)
+    score_rows = run_scoring(settings, fast_step.model, device, compile_ok, profiles if profiling else None)
     sections += [score_table(score_rows, settings), ANCHORS, verdict(train_rows, score_rows)]
+    sections += [profile_markdown(name, summary) for name, summary in profiles.items()]
     report = f"{json.dumps(env)}\n\n" + "\n\n".join(sections)
     print("\n" + report)
     if args.out is not None:

@@ -180,7 +180,10 @@ def bench_train(
 
     warm_seconds = timed(lambda: step.backward(probe), device)
     grads = flat_grads(step.model).cpu()
+    if not torch.isfinite(grads).all():
+        raise FloatingPointError(f"{variant.name}: non-finite gradient on the probe batch")
     warm_seconds += timed(lambda: steps(settings.warmup), device)
+    warm_peak = peak_gib(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     blocks = [timed(lambda: steps(settings.iterations), device) for _ in range(settings.blocks)]
@@ -194,11 +197,20 @@ def bench_train(
         "block_range": [per_block / max(blocks), per_block / min(blocks)],
         "ms_per_step": 1e3 * settings.batch / rate,
         "peak_gib": peak_gib(device),
+        "warmup_peak_gib": warm_peak,
         "tflops": rate * executed / 1e12,
         "floor_share": rate * flops["one_backward"] / BF16_PEAK_FLOPS,
         "warmup_s": warm_seconds,
     }
+    if not all(torch.isfinite(p).all() for p in step.model.parameters()):
+        raise FloatingPointError(f"{variant.name}: non-finite weights after training")
     return row, grads, step
+
+
+def host_copy_of(tensor: torch.Tensor) -> np.ndarray:
+    """The copy ``score_series`` makes of its result (pinned memory from CUDA)."""
+    pinned = tensor.device.type == "cuda"
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pinned).copy_(tensor).numpy()
 
 
 def windows_scored(method: str, n_points: int, win: int) -> int:
@@ -230,7 +242,7 @@ def bench_score(
         torch.cuda.reset_peak_memory_stats(device)
     blocks = [timed(run, device) for _ in range(settings.blocks)]
     contributions = torch.ones(len(values), values.shape[1], device=device)  # (T, C) like the result
-    host_copy = min(timed(contributions.cpu, device) for _ in range(3))
+    host_copy = min(timed(lambda: host_copy_of(contributions), device) for _ in range(3))
     n_windows = windows_scored(method, len(values), settings.model.win_size)
     rate = n_windows / statistics.median(blocks)
     flops = flops_per_window(settings.model)["forward"]
@@ -246,4 +258,7 @@ def bench_score(
         "host_copy_ms": 1e3 * host_copy,
         "warmup_s": warm_seconds,
     }
-    return row, run()
+    scores = run()
+    if not np.isfinite(scores).all():
+        raise FloatingPointError(f"{row['variant']}: non-finite scores")
+    return row, scores

@@ -5,9 +5,10 @@ layout (so reference checkpoints do not load as they are):
 
 * the feed-forward block uses ``nn.Linear`` where the reference uses ``Conv1d(kernel_size=1)``;
 * Q, K, V and the sigma projection are one ``nn.Linear`` (``in_proj``, rows in that order);
-* the prior is returned row-normalised, computed directly as a softmax over keys of
-  ``-(i - j)^2 / (2 sigma_i^2)`` (the reference returns the un-normalised Gaussian and divides by
-  its row sum later; the ``1/(sqrt(2 pi) sigma)`` factor cancels).
+* the prior is returned row-normalised: ``exp(-(i - j)^2 / (2 sigma_i^2))`` divided by its row
+  sum (the reference returns the Gaussian with its ``1/(sqrt(2 pi) sigma)`` factor, which cancels,
+  and divides by the row sum later). The diagonal term is ``exp(0) = 1``, so no max-subtraction
+  is needed and the row sum is at least 1.
 
 The token embedding keeps the reference's circular ``Conv1d(kernel_size=3, bias=False)``.
 """
@@ -120,7 +121,8 @@ class AnomalyAttention(nn.Module):
         heads = torch.matmul(self.attn_dropout(series).to(v.dtype), v)  # (B, H, L, E)
         sigma = squash_sigma(raw_sigma)  # (B, H, L)
         inverse_variance = sigma.pow(-2).unsqueeze(-1)  # (B, H, L, 1)
-        prior = torch.softmax(self.half_sq_distance * inverse_variance, dim=-1)  # (B, H, L, L)
+        gaussian = torch.exp(self.half_sq_distance * inverse_variance)  # (B, H, L, L), in [0, 1]
+        prior = gaussian / gaussian.sum(dim=-1, keepdim=True)  # (B, H, L, L)
         return self._merge(heads), series, prior, sigma
 
     def reconstruct(self, h: torch.Tensor) -> torch.Tensor:

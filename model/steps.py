@@ -19,6 +19,16 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def compile_options(cuda_graphs: bool) -> dict[str, bool]:
+    """Inductor options for our compiled functions.
+
+    ``online_softmax`` is off: on torch 2.11 + H200 its one-pass softmax turned the prior of
+    finite inputs into NaN (bench run of 2026-11-28); the two-pass lowering is correct.
+    ``triton.cudagraphs`` is what ``mode="reduce-overhead"`` sets.
+    """
+    return {"online_softmax": False, "triton.cudagraphs": cuda_graphs}
+
+
 def make_optimizer(model: torch.nn.Module, train_cfg: TrainConfig) -> torch.optim.Adam:
     """Adam with PyTorch's default betas and eps, no weight decay; fused kernels on CUDA."""
     on_cuda = next(model.parameters()).device.type == "cuda"
@@ -28,9 +38,9 @@ def make_optimizer(model: torch.nn.Module, train_cfg: TrainConfig) -> torch.opti
 class TrainStep:
     """Forward, minimax backward and one Adam step on a batch of windows ``(B, L, C)``.
 
-    With ``train_cfg.compile`` the forward pass and the losses are compiled (on CUDA with
-    ``mode="reduce-overhead"``, i.e. CUDA graphs); ``backend`` other than ``"inductor"`` is for
-    checking the compiled path cheaply (e.g. ``"aot_eager"``).
+    With ``train_cfg.compile`` the forward pass and the losses are compiled (on CUDA with CUDA
+    graphs, as ``mode="reduce-overhead"``); a ``backend`` other than ``"inductor"`` is for checking
+    the compiled path cheaply (e.g. ``"eager"``).
     """
 
     def __init__(
@@ -49,8 +59,8 @@ class TrainStep:
         self.cuda_graphs = train_cfg.compile and backend == "inductor" and self.device.type == "cuda"
         self.losses = self._eager_losses
         if train_cfg.compile:
-            mode = "reduce-overhead" if self.cuda_graphs else None
-            self.losses = torch.compile(self._eager_losses, backend=backend, mode=mode)
+            options = compile_options(self.cuda_graphs) if backend == "inductor" else None
+            self.losses = torch.compile(self._eager_losses, backend=backend, options=options)
 
     def _eager_losses(self, x: torch.Tensor) -> MinimaxLosses:
         with autocast(self.device, self.train_cfg.precision):
