@@ -14,6 +14,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.scoring import score_series
 from model.thresholds import conformal_threshold, quantile_threshold
 from tasks.errors import DataContractError
+from tasks.scoring import BATCH_WINDOWS
 from tasks.windowing import DatasetRef
 
 CalibrationMethod = Literal["conformal", "quantile"]
@@ -42,7 +43,8 @@ def validation_scores(checkpoint_path: Path, dataset: DatasetRef) -> np.ndarray:
             continue
         context = fit_part[-(win - 1) :]
         values = np.concatenate([context, val_part])
-        scores.append(score_series(checkpoint.model, values, method, skip=len(context)).scores)
+        result = score_series(checkpoint.model, values, method, skip=len(context), batch_size=BATCH_WINDOWS)
+        scores.append(result.scores)
     if not scores:
         raise DataContractError(
             f"{dataset.source}: no validation tail to calibrate on; use a val_fraction > 0"

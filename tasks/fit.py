@@ -24,6 +24,7 @@ class TrainedModel:
     history: dict[str, Any]
     seconds: float
     n_parameters: int
+    win_size: int
 
 
 def train_model(
@@ -49,7 +50,7 @@ def train_model(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out_path, result.model, model_cfg, extras)
     n_parameters = sum(p.numel() for p in result.model.parameters())
-    return TrainedModel(out_path, result.history.to_dict(), seconds, n_parameters)
+    return TrainedModel(out_path, result.history.to_dict(), seconds, n_parameters, model_cfg.win_size)
 
 
 train_model_task = task(name="train-model", cache_policy=NO_CACHE)(train_model)

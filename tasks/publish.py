@@ -14,6 +14,7 @@ from tasks.evaluate import Evaluation
 from tasks.fit import TrainedModel
 from tasks.registry import configure_tracking, log_and_register
 from tasks.settings import Settings
+from tasks.warehouse import get_engine, read_readings
 from tasks.windowing import DatasetRef
 
 
@@ -51,6 +52,7 @@ def publish(
         "n_parameters": float(trained.n_parameters),
         "entities_trained": float(len(dataset.entities)),
     }
+    example = read_readings(get_engine(settings.warehouse_url), contract, entity=dataset.entities[0])
     registered = log_and_register(
         checkpoint_path=calibration.checkpoint,
         model_name=settings.model_name,
@@ -60,6 +62,7 @@ def publish(
         history=trained.history,
         figures={path.stem: path for path in evaluation.figures},
         tags={"source": contract.name, "contract_version": str(contract.version)},
+        input_example=example.head(trained.win_size),
     )
     shown = {k: round(v, 4) for k, v in evaluation.metrics.items() if k in HEADLINE_METRICS}
     return TrainingSummary(

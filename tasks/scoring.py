@@ -31,6 +31,7 @@ from tasks.warehouse import Watermark, get_engine, get_watermark, read_readings,
 
 log = logging.getLogger(__name__)
 TOP_SENSORS = 3
+BATCH_WINDOWS = 1024
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ def score_values(checkpoint: Checkpoint, entity: str, values: np.ndarray, skip: 
     if entity not in scalers:
         raise ModelRegistryError(f"entity {entity!r} was not in this model's training data")
     scaled = Scaler.from_dict(scalers[entity]).transform(values).astype(np.float32)
-    result = score_series(checkpoint.model, scaled, checkpoint.extras["scoring_method"], skip=skip)
+    method = checkpoint.extras["scoring_method"]
+    result = score_series(checkpoint.model, scaled, method, skip=skip, batch_size=BATCH_WINDOWS)
     return result.scores, result.contributions
 
 

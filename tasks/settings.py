@@ -52,9 +52,10 @@ def _env() -> dict[str, str]:
 
 
 def get_settings() -> Settings:
-    """Resolve settings now from the environment (which wins) and ``./.env``."""
+    """Resolve settings now from the environment (which wins) and ``./.env``; create the home."""
     env = _env()
     home = Path(env.get("ATP_HOME", ".atp")).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
     return Settings(
         home=home,
         warehouse_url=env.get("ATP_WAREHOUSE_URL") or f"sqlite:///{home / 'warehouse.db'}",

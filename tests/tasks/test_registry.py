@@ -242,7 +242,6 @@ def test_a_fresh_process_finds_the_models_on_the_default_store(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     settings = get_settings()
-    settings.home.mkdir()
     shutil.copy(template_db, settings.home / "mlflow.db")
     configure_tracking(settings.mlflow_tracking_uri, settings.artifact_root)
     register(tmp_path, 1)
