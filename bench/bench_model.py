@@ -92,7 +92,8 @@ def train_table(rows: list[dict[str, Any]], settings: Settings) -> str:
     for r in rows:
         low, high = r["block_range"]
         lines.append(
-            f"| {r['variant']} | **{_number(r['windows_per_s'])}** [{_number(low)}–{_number(high)}] "
+            f"| {r['variant']} | **{_number(r['windows_per_s'])}** "
+            f"[{_number(low)}–{_number(high)}] "
             f"| {r['ms_per_step']:.2f} | {_number(r['peak_gib'], 2)} "
             f"({_number(r['warmup_peak_gib'], 2)}) | {r['tflops']:.1f} "
             f"| {100 * r['floor_share']:.1f}% | {r['grad_rel_l2']:.1e} | {r['warmup_s']:.1f} |"
@@ -115,7 +116,8 @@ def score_table(rows: list[dict[str, Any]], settings: Settings) -> str:
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['windows']:,} | **{_number(r['windows_per_s'])}** "
-            f"| {_number(r['points_per_s'])} | {r['ms_per_batch']:.2f} | {_number(r['peak_gib'], 2)} "
+            f"| {_number(r['points_per_s'])} | {r['ms_per_batch']:.2f} "
+            f"| {_number(r['peak_gib'], 2)} "
             f"| {100 * r['floor_share']:.1f}% | {r['score_rel_l2']:.1e} | {r['top_overlap']:.3f} "
             f"| {r['host_copy_ms']:.1f} | {r['warmup_s']:.1f} |"
         )
@@ -207,8 +209,10 @@ def main() -> None:
     profiling = args.profile and device.type == "cuda"
     if profiling:
         ids = torch.arange(settings.batch, device=device)
-        profiles[train_rows[-1]["variant"]] = kernel_profile(lambda: fast_step(windows.batch(ids)), 10)
-    score_rows = run_scoring(settings, fast_step.model, device, compile_ok, profiles if profiling else None)
+        profile = kernel_profile(lambda: fast_step(windows.batch(ids)), steps=10)
+        profiles[train_rows[-1]["variant"]] = profile
+    score_profiles = profiles if profiling else None
+    score_rows = run_scoring(settings, fast_step.model, device, compile_ok, score_profiles)
     sections += [score_table(score_rows, settings), ANCHORS, verdict(train_rows, score_rows)]
     sections += [profile_markdown(name, summary) for name, summary in profiles.items()]
     report = f"{json.dumps(env)}\n\n" + "\n\n".join(sections)
@@ -216,7 +220,8 @@ def main() -> None:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench.md").write_text(report + "\n")
-        results = {"environment": env, "train": train_rows, "score": score_rows, "profiles": profiles}
+        results = {"environment": env, "train": train_rows, "score": score_rows}
+        results["profiles"] = profiles
         (args.out / "bench.json").write_text(json.dumps(results, indent=2))
 
 

@@ -62,7 +62,9 @@ TRAIN_VARIANTS = (
     TrainVariant("fp32 eager, two backward (reference-equivalent)", "fp32", False, "two_backward"),
     TrainVariant("fp32 eager, surrogate (one backward)", "fp32", False, "surrogate"),
     TrainVariant("bf16 eager, surrogate", "bf16", False, "surrogate"),
-    TrainVariant("bf16 compile + CUDA graphs, surrogate (fit's fast path)", "bf16", True, "surrogate"),
+    TrainVariant(
+        "bf16 compile + CUDA graphs, surrogate (fit's fast path)", "bf16", True, "surrogate"
+    ),
 )
 SCORE_VARIANTS = (  # (method, precision, compile); the fp32 eager row of a method is its baseline
     ("reference", "fp32", False),
@@ -76,14 +78,18 @@ SCORE_VARIANTS = (  # (method, precision, compile); the fp32 eager row of a meth
 
 def flops_per_window(cfg: ModelConfig) -> dict[str, float]:
     """Matmul FLOPs per window as performance_anchor.md §2 counts them."""
-    length, d, heads, d_ff, channels = cfg.win_size, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_channels
-    head_dim = d // heads
+    length, d, heads, d_ff = cfg.win_size, cfg.d_model, cfg.n_heads, cfg.d_ff
+    channels, head_dim = cfg.n_channels, d // heads
     embedding = 2 * length * channels * 3 * d
     layer = 8 * length * d * d + 2 * length * d * heads + 4 * heads * length**2 * head_dim
     layer += 4 * length * d * d_ff
     forward = embedding + cfg.e_layers * layer + 2 * length * d * channels
     backward = 2 * forward - embedding
-    return {"forward": forward, "one_backward": forward + backward, "two_backward": forward + 2 * backward}
+    return {
+        "forward": forward,
+        "one_backward": forward + backward,
+        "two_backward": forward + 2 * backward,
+    }
 
 
 def smd_like(rows: int, channels: int, seed: int) -> np.ndarray:
@@ -241,7 +247,7 @@ def bench_score(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     blocks = [timed(run, device) for _ in range(settings.blocks)]
-    contributions = torch.ones(len(values), values.shape[1], device=device)  # (T, C) like the result
+    contributions = torch.ones(len(values), values.shape[1], device=device)  # (T, C), as returned
     host_copy = min(timed(lambda: host_copy_of(contributions), device) for _ in range(3))
     n_windows = windows_scored(method, len(values), settings.model.win_size)
     rate = n_windows / statistics.median(blocks)

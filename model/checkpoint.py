@@ -60,7 +60,7 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
-    """Load with ``torch.load(weights_only=True)`` onto ``device`` (``"cpu"``, ``"cuda"``, ``"auto"``).
+    """Load with ``torch.load(weights_only=True)`` onto ``device`` (``"cpu"``, ``"cuda"``...).
 
     Raises:
         ValueError: the file is not a checkpoint of this format.

@@ -18,7 +18,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(f"invalid device={name!r}: expected 'auto', 'cpu' or 'cuda[:N]'") from error
+        allowed = "expected 'auto', 'cpu' or 'cuda[:N]'"
+        raise ValueError(f"invalid device={name!r}: {allowed}") from error
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"invalid device={name!r}: expected 'auto', 'cpu' or 'cuda[:N]'")
     if device.type == "cuda":

@@ -64,7 +64,9 @@ def designated_starts(points: torch.Tensor, method: str, n_points: int, win: int
     return (points - win + 1).clamp(min=0)
 
 
-def _as_series(values: np.ndarray | torch.Tensor, model: AnomalyTransformer, device: torch.device) -> torch.Tensor:
+def _as_series(
+    values: np.ndarray | torch.Tensor, model: AnomalyTransformer, device: torch.device
+) -> torch.Tensor:
     series = torch.as_tensor(values, dtype=torch.float32).to(device)  # (T, C)
     win, n_channels = model.cfg.win_size, model.cfg.n_channels
     if series.dim() != 2 or series.shape[1] != n_channels or series.shape[0] < win:
@@ -82,7 +84,9 @@ def _as_series(values: np.ndarray | torch.Tensor, model: AnomalyTransformer, dev
     return series
 
 
-def _check_arguments(method: str, skip: int, n_points: int, batch_size: int, precision: str) -> None:
+def _check_arguments(
+    method: str, skip: int, n_points: int, batch_size: int, precision: str
+) -> None:
     if method not in METHODS:
         raise ValueError(f"invalid method={method!r}: expected one of {METHODS}")
     if not 0 <= skip < n_points:

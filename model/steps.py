@@ -56,7 +56,8 @@ class TrainStep:
         self.k = model_cfg.k
         self.train_cfg = train_cfg
         self.device = next(model.parameters()).device
-        self.cuda_graphs = train_cfg.compile and backend == "inductor" and self.device.type == "cuda"
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graphs = train_cfg.compile and backend == "inductor" and on_cuda
         self.losses = self._eager_losses
         if train_cfg.compile:
             options = compile_options(self.cuda_graphs) if backend == "inductor" else None

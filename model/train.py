@@ -217,7 +217,9 @@ def _train_epoch(
         steps += 1
         if train_cfg.progress and every and steps % every == 0:
             loss1, rec, _ = (sums / steps).tolist()
-            log.info("epoch %d: step %d/%d, loss1 %.5f, rec %.5f", epoch, steps, len(batches), loss1, rec)
+            log.info(
+                "epoch %d: step %d/%d, loss1 %.5f, rec %.5f", epoch, steps, len(batches), loss1, rec
+            )
         if train_cfg.max_steps is not None and steps_before + steps >= train_cfg.max_steps:
             break
     means = (sums / steps).tolist()

@@ -63,5 +63,6 @@ def test_non_json_extras_and_a_foreign_config_are_refused(
 def test_a_file_of_another_format_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "weights.pt"
     torch.save({"state_dict": {}}, path)
-    with pytest.raises(ValueError, match="format None, expected 'anomaly-transformer-checkpoint/1'"):
+    expected = "format None, expected 'anomaly-transformer-checkpoint/1'"
+    with pytest.raises(ValueError, match=expected):
         load_checkpoint(path)

@@ -72,8 +72,8 @@ def _grads(loss: torch.Tensor, model: AnomalyTransformer) -> dict[str, torch.Ten
 
 def _rows(grads: dict[str, torch.Tensor], layer: int, part: str, cfg: ModelConfig) -> torch.Tensor:
     """Gradient rows of one part of a layer's fused ``in_proj`` (weight and bias together)."""
-    d = cfg.d_model
-    bounds = {"q": (0, d), "k": (d, 2 * d), "v": (2 * d, 3 * d), "sigma": (3 * d, 3 * d + cfg.n_heads)}
+    d, h = cfg.d_model, cfg.n_heads
+    bounds = {"q": (0, d), "k": (d, 2 * d), "v": (2 * d, 3 * d), "sigma": (3 * d, 3 * d + h)}
     start, stop = bounds[part]
     prefix = f"layers.{layer}.attention.in_proj"
     weight, bias = grads[f"{prefix}.weight"][start:stop], grads[f"{prefix}.bias"][start:stop]
@@ -94,7 +94,9 @@ def _routing(cfg: ModelConfig, x: torch.Tensor) -> dict[str, dict[str, torch.Ten
     }
 
 
-def test_maximise_phase_trains_the_series_side_only(tiny_cfg: ModelConfig, windows: torch.Tensor) -> None:
+def test_maximise_phase_trains_the_series_side_only(
+    tiny_cfg: ModelConfig, windows: torch.Tensor
+) -> None:
     grads = _routing(tiny_cfg, windows)["series"]
     last = tiny_cfg.e_layers - 1
     for layer in range(tiny_cfg.e_layers):
@@ -106,7 +108,9 @@ def test_maximise_phase_trains_the_series_side_only(tiny_cfg: ModelConfig, windo
     assert grads["embedding.token_conv.weight"].abs().sum() > 0  # shared upstream weights
 
 
-def test_minimise_phase_trains_the_prior_side_only(tiny_cfg: ModelConfig, windows: torch.Tensor) -> None:
+def test_minimise_phase_trains_the_prior_side_only(
+    tiny_cfg: ModelConfig, windows: torch.Tensor
+) -> None:
     grads = _routing(tiny_cfg, windows)["prior"]
     last = tiny_cfg.e_layers - 1
     for layer in range(tiny_cfg.e_layers):
@@ -130,9 +134,8 @@ def test_phase_losses_route_gradients_as_the_reference(
             tiny_cfg.k * _rows(routing["prior"], layer, "sigma", tiny_cfg),
         )
     for part in ("q", "k"):  # the last layer's Q and K see loss2 only through rec
-        torch.testing.assert_close(
-            _rows(routing["loss2"], last, part, tiny_cfg), _rows(routing["rec"], last, part, tiny_cfg)
-        )
+        loss2, rec = (_rows(routing[name], last, part, tiny_cfg) for name in ("loss2", "rec"))
+        torch.testing.assert_close(loss2, rec)
 
 
 def _flat_grads(model: AnomalyTransformer) -> torch.Tensor:

@@ -35,9 +35,9 @@ def _step(
 def test_a_tiny_model_overfits_a_tiny_batch(tiny_cfg: ModelConfig, windows: torch.Tensor) -> None:
     step = _step(tiny_cfg, replace(FAST, lr=1e-2))
     first_rec = float(step(windows)[1])
-    for _ in range(60):
+    for _ in range(40):
         last_rec = float(step(windows)[1])
-    assert last_rec < first_rec / 10
+    assert last_rec < first_rec / 5
 
 
 def test_two_backward_and_surrogate_steps_give_the_same_weights(
@@ -69,7 +69,8 @@ def test_gradient_clipping_bounds_the_gradient_norm(
 ) -> None:
     step = _step(tiny_cfg, replace(FAST, grad_clip=1e-3))
     step(windows)
-    norm = torch.cat([p.grad.flatten() for p in step.model.parameters() if p.grad is not None]).norm()
+    grads = [p.grad.flatten() for p in step.model.parameters() if p.grad is not None]
+    norm = torch.cat(grads).norm()
     assert float(norm) <= 1e-3 * (1 + 1e-4)
 
 
@@ -118,10 +119,10 @@ def test_fit_stops_after_patience_epochs_without_improvement(
 ) -> None:
     train = [periodic_series(100, 3, seed=0)]  # 22 windows at stride 4: one step per epoch
     val = [periodic_series(40, 3, seed=1)]
-    train_cfg = replace(FAST, max_epochs=30, patience=1, lr=1e-2)
+    train_cfg = replace(FAST, max_epochs=12, patience=1, lr=3e-2, lr_halving=False)
     history = fit(tiny_cfg, train_cfg, train, val).history
     assert history.stopped_early
-    assert len(history.epochs) < 30
+    assert len(history.epochs) < 12
     assert history.best_epoch == len(history.epochs) - 1
 
 
