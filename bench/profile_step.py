@@ -10,11 +10,16 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-MATMUL_MARKERS = ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "matmul", "_mm_", "bmm", "conv")
+MATMUL_MARKERS = ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "sdpa", "flash", "triton_tem")
+# Inductor's fused pointwise/reduction kernels name the ops they fuse (e.g. "..._bmm_...").
+FUSED_ELEMENTWISE = ("triton_poi", "triton_red", "triton_per")
 
 
 def is_matmul(kernel_name: str) -> bool:
+    """cuBLAS/CUTLASS/cuDNN matrix kernels and Inductor's matmul templates."""
     name = kernel_name.lower()
+    if name.startswith(FUSED_ELEMENTWISE):
+        return False
     return any(marker in name for marker in MATMUL_MARKERS)
 
 
@@ -54,7 +59,7 @@ def profile_markdown(title: str, summary: dict[str, Any]) -> str:
         "",
         f"- wall {summary['wall_ms_per_step']:.2f} ms/step (under the profiler), GPU kernels "
         f"{summary['gpu_ms_per_step']:.2f} ms/step, {summary['kernels_per_step']:.0f} kernels/step",
-        f"- matmul/conv {summary['matmul_ms_per_step']:.2f} ms, other "
+        f"- matmul and attention kernels {summary['matmul_ms_per_step']:.2f} ms, other "
         f"{summary['other_ms_per_step']:.2f} ms",
         "",
         "| kernel | ms/step | calls/step |",

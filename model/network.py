@@ -10,7 +10,8 @@ layout (so reference checkpoints do not load as they are):
   and divides by the row sum later). The diagonal term is ``exp(0) = 1``, so no max-subtraction
   is needed and the row sum is at least 1.
 
-The token embedding keeps the reference's circular ``Conv1d(kernel_size=3, bias=False)``.
+The token embedding is the reference's circular ``Conv1d(kernel_size=3, bias=False)``, computed
+as a matmul over shifted copies; its weight keeps the ``Conv1d`` shape ``(d_model, C, 3)``.
 """
 
 from __future__ import annotations
@@ -68,20 +69,26 @@ def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
 
 
 class DataEmbedding(nn.Module):
-    """Circular token convolution (kernel 3, no bias) plus sinusoidal positions."""
+    """Circular token convolution (kernel 3, no bias) plus sinusoidal positions.
+
+    The convolution runs as one matmul over the three circularly shifted copies of the window
+    (same weight layout ``(d_model, C, 3)`` and result as ``Conv1d(padding_mode="circular")``,
+    without the layout transposes a cuDNN convolution needs).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.token_conv = nn.Conv1d(
-            cfg.n_channels, cfg.d_model, 3, padding=1, padding_mode="circular", bias=False
-        )
-        nn.init.kaiming_normal_(self.token_conv.weight, mode="fan_in", nonlinearity="leaky_relu")
+        self.token_weight = nn.Parameter(torch.empty(cfg.d_model, cfg.n_channels, 3))
+        nn.init.kaiming_normal_(self.token_weight, mode="fan_in", nonlinearity="leaky_relu")
         positions = sinusoidal_positions(cfg.win_size, cfg.d_model)
         self.register_buffer("positions", positions, persistent=False)  # (L, d)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.token_conv(x.transpose(1, 2)).transpose(1, 2)  # (B, L, d)
+        length = x.shape[1]
+        padded = torch.cat([x[:, -1:], x, x[:, :1]], dim=1)  # (B, L + 2, C)
+        taps = torch.stack([padded[:, k : k + length] for k in range(3)], dim=-1)  # (B, L, C, 3)
+        tokens = taps.flatten(2) @ self.token_weight.flatten(1).T  # (B, L, d)
         return self.dropout(tokens + self.positions)
 
 

@@ -67,7 +67,10 @@ def designated_starts(points: torch.Tensor, method: str, n_points: int, win: int
 def _as_series(
     values: np.ndarray | torch.Tensor, model: AnomalyTransformer, device: torch.device
 ) -> torch.Tensor:
-    series = torch.as_tensor(values, dtype=torch.float32).to(device)  # (T, C)
+    series = torch.as_tensor(values, dtype=torch.float32)  # (T, C)
+    if device.type == "cuda" and series.device.type == "cpu":
+        series = series.pin_memory()  # pageable host-to-device copies are far slower
+    series = series.to(device)
     win, n_channels = model.cfg.win_size, model.cfg.n_channels
     if series.dim() != 2 or series.shape[1] != n_channels or series.shape[0] < win:
         raise ValueError(
@@ -131,16 +134,16 @@ def _take_from_windows(batches: _WindowBatches, skip: int) -> torch.Tensor:
     """Each point ``skip..T-1`` takes its value from its designated window: `(T - skip, C)`."""
     n_points, win = batches.series.shape[0], batches.model.cfg.win_size
     device, size = batches.series.device, batches.batch_size
-    points = torch.arange(skip, n_points)  # (P,) on the host
+    points = torch.arange(skip, n_points, device=device)  # (P,)
     designated = designated_starts(points, batches.method, n_points, win)  # (P,) non-decreasing
     starts = torch.unique_consecutive(designated)  # (n_windows,)
-    window_of_point = torch.searchsorted(starts, designated)  # (P,)
-    bounds = torch.searchsorted(window_of_point, torch.arange(0, len(starts) + size, size)).tolist()
-    position = (points - designated).to(device)  # (P,)
-    window_index = window_of_point.to(device)  # (P,)
+    window_index = torch.searchsorted(starts, designated)  # (P,)
+    firsts = torch.arange(0, len(starts) + size, size, device=device)  # first window per batch
+    bounds = torch.searchsorted(window_index, firsts).tolist()  # first point per batch
+    position = points - designated  # (P,)
     out = torch.empty(len(points), batches.series.shape[1], device=device)  # (P, C)
     for batch, first in enumerate(range(0, len(starts), size)):
-        weighted = batches.weighted(starts[first : first + size].to(device))  # (b, L, C)
+        weighted = batches.weighted(starts[first : first + size])  # (b, L, C)
         low, high = bounds[batch], bounds[batch + 1]
         out[low:high] = weighted[window_index[low:high] - first, position[low:high]]
     return out

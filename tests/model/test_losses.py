@@ -105,7 +105,7 @@ def test_maximise_phase_trains_the_series_side_only(
     assert _rows(grads, last, "k", tiny_cfg).abs().sum() > 0
     assert not _rows(grads, last, "v", tiny_cfg).any()
     assert not grads["projection.weight"].any()
-    assert grads["embedding.token_conv.weight"].abs().sum() > 0  # shared upstream weights
+    assert grads["embedding.token_weight"].abs().sum() > 0  # shared upstream weights
 
 
 def test_minimise_phase_trains_the_prior_side_only(
@@ -118,7 +118,7 @@ def test_minimise_phase_trains_the_prior_side_only(
     assert not _rows(grads, last, "q", tiny_cfg).any(), "Q got prior-loss gradient"
     assert not _rows(grads, last, "k", tiny_cfg).any(), "K got prior-loss gradient"
     assert not _rows(grads, last, "v", tiny_cfg).any()
-    assert grads["embedding.token_conv.weight"].abs().sum() > 0  # shared upstream weights
+    assert grads["embedding.token_weight"].abs().sum() > 0  # shared upstream weights
 
 
 def test_phase_losses_route_gradients_as_the_reference(

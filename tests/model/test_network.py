@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.device import resolve_device
@@ -117,6 +118,15 @@ def test_bf16_autocast_on_cpu_keeps_associations_in_float32_and_finite(
 def test_reconstruct_matches_forward(tiny_cfg: ModelConfig, windows: torch.Tensor) -> None:
     model = _model(tiny_cfg).eval()
     torch.testing.assert_close(model.reconstruct(windows), model(windows).recon)
+
+
+def test_token_embedding_is_the_circular_convolution_of_the_reference(
+    tiny_cfg: ModelConfig, windows: torch.Tensor
+) -> None:
+    embedding = _model(tiny_cfg).embedding
+    circular = F.pad(windows.transpose(1, 2), (1, 1), mode="circular")  # (B, C, L + 2)
+    expected = F.conv1d(circular, embedding.token_weight).transpose(1, 2)  # (B, L, d)
+    torch.testing.assert_close(embedding(windows), expected + embedding.positions)
 
 
 def test_positions_are_sinusoids() -> None:
