@@ -22,10 +22,18 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train, calibrate, evaluate and register a model")
     train.add_argument("--source", default="smd", help="data contract / source name")
-    train.add_argument("--preset", choices=["reference", "demo"], default="reference",
-                       help="reference: the paper's architecture; demo: a small CPU-friendly model")
-    train.add_argument("--train-end", type=datetime.fromisoformat, default=None,
-                       help="end of the training range (default: each entity's first labelled row)")
+    train.add_argument(
+        "--preset",
+        choices=["reference", "demo"],
+        default="reference",
+        help="reference: the paper's architecture; demo: a small CPU-friendly model",
+    )
+    train.add_argument(
+        "--train-end",
+        type=datetime.fromisoformat,
+        default=None,
+        help="end of the training range (default: each entity's first labelled row)",
+    )
     train.add_argument("--max-epochs", type=int, help="maximum epochs")
     train.add_argument("--max-steps", type=int, help="maximum optimiser steps")
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N")
@@ -60,16 +68,25 @@ def _train_params(args: argparse.Namespace) -> Any:
     from flows.params import DEMO_TRAINING, TrainFlowParams
 
     base = DEMO_TRAINING if args.preset == "demo" else TrainFlowParams()
-    training = {k: v for k, v in {"max_epochs": args.max_epochs, "max_steps": args.max_steps,
-                                  "device": args.device}.items() if v is not None}
+    training = {
+        k: v
+        for k, v in {
+            "max_epochs": args.max_epochs,
+            "max_steps": args.max_steps,
+            "device": args.device,
+        }.items()
+        if v is not None
+    }
     calibration = {"alpha": args.alpha} if args.alpha is not None else {}
-    return base.model_copy(update={
-        "source": args.source,
-        "train_end": args.train_end,
-        "promote": args.promote or base.promote,
-        "training": base.training.model_copy(update=training),
-        "calibration": base.calibration.model_copy(update=calibration),
-    })
+    return base.model_copy(
+        update={
+            "source": args.source,
+            "train_end": args.train_end,
+            "promote": args.promote or base.promote,
+            "training": base.training.model_copy(update=training),
+            "calibration": base.calibration.model_copy(update=calibration),
+        }
+    )
 
 
 def _run(args: argparse.Namespace) -> object:
@@ -86,7 +103,9 @@ def _run(args: argparse.Namespace) -> object:
         case "score":
             return scoring_flow(source=args.source, alias=args.alias)
         case "backfill":
-            return backfill_flow(source=args.source, start=args.start, end=args.end, alias=args.alias)
+            return backfill_flow(
+                source=args.source, start=args.start, end=args.end, alias=args.alias
+            )
         case "promote":
             return operations.promote_flow(args.version)
         case "serve":

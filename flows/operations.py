@@ -19,7 +19,7 @@ SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
 
 @flow(name="promote", log_prints=True)
 def promote_flow(version: int | None = None) -> int | None:
-    """Move the ``champion`` alias to ``version`` (default: the challenger); returns the previous one."""
+    """Move ``champion`` to ``version`` (default: the challenger); return the previous one."""
     return promote_task(get_settings().model_name, version)
 
 
@@ -27,7 +27,9 @@ def promote_flow(version: int | None = None) -> int | None:
 def status_flow() -> Status:
     """What is in the warehouse and the registry right now."""
     settings = get_settings()
-    return collect_status_task(settings.warehouse_url, settings.mlflow_tracking_uri, settings.model_name)
+    return collect_status_task(
+        settings.warehouse_url, settings.mlflow_tracking_uri, settings.model_name
+    )
 
 
 @flow(name="demo", log_prints=True)

@@ -57,21 +57,44 @@ def _entity_rows(conn: sa.Connection, source: str) -> list[EntityStatus]:
     check_identifier(source, "source")
     readings = sa.table(f"{source}{READINGS_SUFFIX}", sa.column("entity"), sa.column("ts"))
     w, s = scoring_watermarks.c, anomaly_scores.c
-    marks = dict(conn.execute(sa.select(w.entity, sa.func.max(w.last_ts)).where(w.source == source).group_by(w.entity)).all())
+    marks = dict(
+        conn.execute(
+            sa.select(w.entity, sa.func.max(w.last_ts)).where(w.source == source).group_by(w.entity)
+        ).all()
+    )
     alarms = dict(
         conn.execute(
-            sa.select(s.entity, sa.func.count()).where(s.source == source, s.is_anomaly).group_by(s.entity)
+            sa.select(s.entity, sa.func.count())
+            .where(s.source == source, s.is_anomaly)
+            .group_by(s.entity)
         ).all()
     )
     rows = []
-    query = sa.select(readings.c.entity, sa.func.count(), sa.func.max(readings.c.ts)).group_by(readings.c.entity)
+    query = sa.select(readings.c.entity, sa.func.count(), sa.func.max(readings.c.ts)).group_by(
+        readings.c.entity
+    )
     for entity, count, last_ts in conn.execute(query.order_by(readings.c.entity)):
         mark = marks.get(entity)
-        unscored = count if mark is None else conn.scalar(
-            sa.select(sa.func.count()).select_from(readings).where(readings.c.entity == entity, readings.c.ts > mark)
+        unscored = (
+            count
+            if mark is None
+            else conn.scalar(
+                sa.select(sa.func.count())
+                .select_from(readings)
+                .where(readings.c.entity == entity, readings.c.ts > mark)
+            )
         )
-        rows.append(EntityStatus(source, entity, count, str(last_ts), None if mark is None else str(mark),
-                                 int(unscored or 0), int(alarms.get(entity, 0))))
+        rows.append(
+            EntityStatus(
+                source,
+                entity,
+                count,
+                str(last_ts),
+                None if mark is None else str(mark),
+                int(unscored or 0),
+                int(alarms.get(entity, 0)),
+            )
+        )
     return rows
 
 
@@ -89,8 +112,16 @@ def model_status(tracking_uri: str, model_name: str) -> list[ModelStatus]:
     for alias, version in sorted(aliases.items()):
         run_id = client.get_model_version(model_name, str(version)).run_id or ""
         metrics = client.get_run(run_id).data.metrics if run_id else {}
-        found.append(ModelStatus(alias, int(version), run_id, metrics.get("test_auc_pr"),
-                                 metrics.get("test_vus_pr"), metrics.get("threshold")))
+        found.append(
+            ModelStatus(
+                alias,
+                int(version),
+                run_id,
+                metrics.get("test_auc_pr"),
+                metrics.get("test_vus_pr"),
+                metrics.get("threshold"),
+            )
+        )
     return found
 
 
