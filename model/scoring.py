@@ -15,7 +15,7 @@ like the score, divided by the channel count, so every row sums to the score.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,7 +26,6 @@ from model.losses import association_discrepancy
 from model.network import AnomalyTransformer, at_least_float32
 from model.steps import compile_options
 
-Method = Literal["reference", "reference_last", "recon_last", "recon_mean"]
 METHODS: tuple[str, ...] = ("reference", "reference_last", "recon_last", "recon_mean")
 
 
@@ -43,17 +42,18 @@ def window_contributions(
     ``recon_*`` methods weight every position by ``1 / C``; ``reference*`` methods by
     ``softmax_over_positions(-T * sum_over_layers(discrepancy)) / C``, computed in float32.
     """
-    n_channels = x.shape[-1]
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         if method.startswith("recon"):
-            recon, weights = model.reconstruct(x, check_finite=False), None  # (b, L, C)
+            recon = model.reconstruct(x, check_finite=False)  # (b, L, C)
         else:
             out = model(x, check_finite=False)
             recon = out.recon  # (b, L, C)
-            summed = association_discrepancy(out.series, out.prior) * len(out.series)  # (b, L)
-            weights = torch.softmax(-model.cfg.temperature * summed, dim=-1)  # (b, L)
-    squared = (at_least_float32(recon) - x) ** 2 / n_channels  # (b, L, C)
-    return squared if weights is None else squared * weights.unsqueeze(-1)
+    squared = (at_least_float32(recon) - x) ** 2 / x.shape[-1]  # (b, L, C)
+    if method.startswith("recon"):
+        return squared
+    summed = association_discrepancy(out.series, out.prior) * len(out.series)  # (b, L), fp32
+    weights = torch.softmax(-model.cfg.temperature * summed, dim=-1)  # (b, L)
+    return squared * weights.unsqueeze(-1)
 
 
 def designated_starts(points: torch.Tensor, method: str, n_points: int, win: int) -> torch.Tensor:
