@@ -27,7 +27,8 @@ from model.thresholds import p_values
 from tasks.errors import ModelRegistryError
 from tasks.registry import LoadedModel
 from tasks.validate import validate_readings
-from tasks.warehouse import Watermark, get_engine, get_watermark, read_readings, write_scores
+from tasks.scores_store import Watermark, get_watermark, write_scores
+from tasks.warehouse import get_engine, read_readings
 
 log = logging.getLogger(__name__)
 TOP_SENSORS = 3

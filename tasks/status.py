@@ -9,7 +9,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data_contracts.contract import check_identifier
-from tasks.warehouse import anomaly_scores, get_engine, scoring_watermarks
+from tasks.scores_store import anomaly_scores, scoring_watermarks
+from tasks.warehouse import get_engine
 
 READINGS_SUFFIX = "_readings"
 

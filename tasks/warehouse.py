@@ -1,95 +1,58 @@
-"""The warehouse: tables declared from contracts, idempotent loads, scores with their watermark.
+"""The warehouse: readings tables declared from contracts, idempotent loads, reads, the ingest log.
 
 SQLite (default) and PostgreSQL (production) behave alike:
 
 - Readings are immutable. Loading rows already stored with the same values changes nothing; a row
   that contradicts a stored one (same entity and ts, other values, a label included) raises
   DataContractError and nothing of that load is written. Corrections need an explicit delete.
-- Scores are replaced on conflict; the watermark moves in the same transaction, never backwards.
-- Bulk writes go through a temporary stage table (driver executemany on SQLite, binary COPY on
-  PostgreSQL), then one ``INSERT ... SELECT ... ON CONFLICT`` in key order, so that concurrent
-  loads of overlapping rows neither deadlock nor duplicate.
+- A load is one transaction: staged in bulk, then moved with one ``INSERT ... SELECT ... ON
+  CONFLICT DO NOTHING`` in key order (``tasks/staging.py``), so a load killed midway leaves nothing
+  and two loads of the same rows at once leave one copy. Scores live in ``tasks/scores_store.py``.
 - On SQLite every transaction starts with ``BEGIN IMMEDIATE`` (writers queue on ``busy_timeout``
   instead of failing to upgrade a read lock); the read helpers here use ``BEGIN DEFERRED``, so in
   WAL mode they never wait for a writer.
 - Loaders and readers take a URL or an Engine (a transaction of their own) or a Connection (the
   caller's transaction, ``with engine.begin() as conn``), so that several writes commit together.
+- A server that cannot be reached raises WarehouseUnavailableError naming it (without its
+  password); the I/O task wrappers retry that, and only transient failures, with backoff.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import threading
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import State
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from data_contracts.contract import Contract, check_identifier
-from tasks.errors import DataContractError
+from tasks import scores_store
+from tasks.errors import DataContractError, WarehouseUnavailableError, retry_if_transient
+from tasks.staging import dialect_insert, naive_utc, stage_frame
 
-CHUNK_ROWS = 20_000
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 READ_ONLY = "atp_read_only"  # execution option: this SQLite transaction only reads (BEGIN DEFERRED)
-SCORE_COLUMNS = ("ts", "score", "threshold", "is_anomaly", "p_value", "top_sensors", "provisional")
 _SCHEMA_LOCK = 0x41545053  # PostgreSQL advisory lock key that serialises ensure_schema
-_COPY_TYPES = {sa.String: "text", sa.Text: "text", sa.DateTime: "timestamp", sa.Float: "float8",
-               sa.Integer: "int4", sa.Boolean: "bool"}
 METADATA = sa.MetaData()
 _ENGINES: dict[str, Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 Bind = Engine | Connection | str
 
-
-def _key(*names: str) -> list[sa.Column[Any]]:
-    return [sa.Column(name, sa.String, primary_key=True) for name in names]
-
-
-anomaly_scores = sa.Table(
-    "anomaly_scores", METADATA, *_key("source", "entity"),
-    sa.Column("ts", sa.DateTime, primary_key=True), *_key("model_name"),
-    sa.Column("model_version", sa.String, nullable=False),
-    sa.Column("score", sa.Float, nullable=False), sa.Column("threshold", sa.Float, nullable=False),
-    sa.Column("is_anomaly", sa.Boolean, nullable=False), sa.Column("p_value", sa.Float),
-    sa.Column("top_sensors", sa.Text), sa.Column("provisional", sa.Boolean, nullable=False),
-    sa.Column("run_id", sa.String, nullable=False),
-    sa.Column("scored_at", sa.DateTime, nullable=False),
-)
-scoring_watermarks = sa.Table(
-    "scoring_watermarks", METADATA, *_key("source", "entity", "model_name"),
-    sa.Column("last_ts", sa.DateTime, nullable=False),
-    sa.Column("model_version", sa.String, nullable=False),
-    sa.Column("run_id", sa.String, nullable=False),
-    sa.Column("updated_at", sa.DateTime, nullable=False),
-)
 ingest_log = sa.Table(
-    "ingest_log", METADATA, *_key("source", "file_sha256"),
+    "ingest_log", METADATA,
+    sa.Column("source", sa.String, primary_key=True),
+    sa.Column("file_sha256", sa.String, primary_key=True),
     sa.Column("path", sa.Text, nullable=False), sa.Column("rows", sa.Integer, nullable=False),
     sa.Column("loaded_at", sa.DateTime, nullable=False),
 )
-
-
-@dataclass(frozen=True)
-class Watermark:
-    """How far one model has scored one entity, and which model version and run moved it."""
-
-    entity: str
-    model_name: str
-    last_ts: datetime
-    model_version: str
-    run_id: str
 
 
 @dataclass(frozen=True)
@@ -148,6 +111,21 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def redacted_url(url: str | sa.URL) -> str:
+    """``url`` for messages and logs: the password shown as ``***``."""
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
+def connect(engine: Engine) -> Connection:
+    """A connection from ``engine``; WarehouseUnavailableError (transient) if the server is away."""
+    try:
+        return engine.connect()
+    except sa.exc.OperationalError as error:
+        raise WarehouseUnavailableError(
+            f"the warehouse at {redacted_url(engine.url)} cannot be reached: {error.orig}"
+        ) from error
+
+
 @contextmanager
 def _transaction(bind: Bind, read_only: bool = False) -> Iterator[Connection]:
     """The caller's connection as is, or a new transaction (committed on success)."""
@@ -155,7 +133,7 @@ def _transaction(bind: Bind, read_only: bool = False) -> Iterator[Connection]:
         yield bind
         return
     engine = get_engine(bind) if isinstance(bind, str) else bind
-    with engine.connect() as conn, conn.execution_options(**{READ_ONLY: read_only}).begin():
+    with connect(engine) as conn, conn.execution_options(**{READ_ONLY: read_only}).begin():
         yield conn
 
 
@@ -177,6 +155,7 @@ def ensure_schema(bind: Bind, contract: Contract) -> None:
     with _transaction(bind) as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
+        scores_store.METADATA.create_all(conn, checkfirst=True)
         METADATA.create_all(conn, checkfirst=True)
         table.create(conn, checkfirst=True)
         probe = sa.select(sa.literal_column("*")).select_from(table).limit(0)
@@ -187,64 +166,6 @@ def ensure_schema(bind: Bind, contract: Contract) -> None:
             f"v{contract.version} declares {list(table.columns.keys())}: migrate the table or "
             "give the changed contract a new name"
         )
-
-
-def _insert(conn: Connection) -> Any:
-    """The dialect's INSERT construct, which has ON CONFLICT."""
-    inserts = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
-    if conn.dialect.name not in inserts:
-        raise ValueError(f"the warehouse needs SQLite or PostgreSQL, not {conn.dialect.name}")
-    return inserts[conn.dialect.name]
-
-
-def _naive_utc(value: datetime | str) -> datetime:
-    stamp = pd.Timestamp(value)
-    if pd.isna(stamp):
-        raise ValueError(f"not a timestamp: {value!r}")
-    return (stamp.tz_convert("UTC").tz_localize(None) if stamp.tzinfo else stamp).to_pydatetime()
-
-
-def _values(conn: Connection, column: sa.Column[Any], values: pd.Series) -> list[Any]:
-    """One column as the driver's Python values: None for missing, naive UTC datetimes."""
-    if isinstance(column.type, sa.DateTime):
-        stamps = pd.to_datetime(values)
-        if stamps.dt.tz is not None:
-            stamps = stamps.dt.tz_convert("UTC").dt.tz_localize(None)
-        process = column.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
-        return [process(v) if process else v for v in stamps.dt.to_pydatetime()]
-    if isinstance(column.type, sa.Float):
-        array = values.to_numpy(dtype=np.float64, na_value=np.nan)
-        if not np.isnan(array).any():
-            return list(array.tolist())
-    elif isinstance(column.type, (sa.Integer, sa.String)):
-        values = values.astype("Int64" if isinstance(column.type, sa.Integer) else "str")
-    return list(values.astype(object).where(values.notna(), None).tolist())
-
-
-def _staged(conn: Connection, table: sa.Table, frame: pd.DataFrame) -> sa.Table:
-    """A temporary table with ``table``'s columns holding ``frame``, written in chunks."""
-    stage = sa.Table(f"stage_{uuid.uuid4().hex[:16]}", sa.MetaData(),
-                     *(sa.Column(c.name, c.type) for c in table.columns), prefixes=["TEMPORARY"])
-    stage.create(conn)
-    for start in range(0, len(frame), CHUNK_ROWS):
-        chunk = frame.iloc[start : start + CHUNK_ROWS]
-        rows = list(zip(*(_values(conn, c, chunk[c.name]) for c in stage.columns), strict=True))
-        _write_rows(conn, stage, rows)
-    return stage
-
-
-def _write_rows(conn: Connection, stage: sa.Table, rows: list[tuple[Any, ...]]) -> None:
-    """Bulk write below SQLAlchemy's per-row overhead: executemany on SQLite, binary COPY on PG."""
-    if conn.dialect.name == "sqlite":
-        conn.exec_driver_sql(str(stage.insert().compile(dialect=conn.dialect)), rows)
-        return
-    quote = conn.dialect.identifier_preparer.quote
-    names = ", ".join(quote(c.name) for c in stage.columns)
-    copy = f"COPY {quote(stage.name)} ({names}) FROM STDIN (FORMAT binary)"
-    with conn.connection.driver_connection.cursor() as cursor, cursor.copy(copy) as writer:
-        writer.set_types([_COPY_TYPES[type(c.type)] for c in stage.columns])
-        for row in rows:
-            writer.write_row(row)
 
 
 def upsert_readings(bind: Bind, contract: Contract, frame: pd.DataFrame) -> int:
@@ -258,8 +179,8 @@ def upsert_readings(bind: Bind, contract: Contract, frame: pd.DataFrame) -> int:
         raise ValueError(f"frame columns {list(frame.columns)} differ from {table.name}'s "
                          f"{list(table.columns.keys())}")
     with _transaction(bind) as conn:
-        insert = _insert(conn)
-        stage = _staged(conn, table, frame)
+        insert = dialect_insert(conn)
+        stage = stage_frame(conn, table, frame)
         rows = sa.select(stage).where(sa.true()).order_by(stage.c.entity, stage.c.ts)
         copy = insert(table).from_select(list(table.columns.keys()), rows).on_conflict_do_nothing()
         result = conn.execute(copy.execution_options(preserve_rowcount=True))
@@ -293,9 +214,9 @@ def _context(table: sa.Table, entity: str | None, start: datetime | str | None,
     if entity is None or n < 0 or (start is not None and after is not None):
         raise ValueError("limit_before needs a count >= 0, entity and one of start or after")
     if start is not None:
-        bound = table.c.ts < _naive_utc(start)
+        bound = table.c.ts < naive_utc(start)
     elif after is not None:
-        bound = table.c.ts <= _naive_utc(after)
+        bound = table.c.ts <= naive_utc(after)
     else:
         raise ValueError("limit_before needs start or after")
     query = sa.select(table).where(table.c.entity == entity, bound)
@@ -318,11 +239,11 @@ def read_readings(
     if entity is not None:
         query = query.where(table.c.entity == entity)
     if start is not None:
-        query = query.where(table.c.ts >= _naive_utc(start))
+        query = query.where(table.c.ts >= naive_utc(start))
     if end is not None:
-        query = query.where(table.c.ts < _naive_utc(end))
+        query = query.where(table.c.ts < naive_utc(end))
     if after is not None:
-        query = query.where(table.c.ts > _naive_utc(after))
+        query = query.where(table.c.ts > naive_utc(after))
     context = None if limit_before is None else _context(table, entity, start, after, limit_before)
     with _transaction(bind, read_only=True) as conn:
         rows = conn.execute(query.order_by(table.c.entity, table.c.ts)).all()
@@ -353,75 +274,12 @@ def entity_bounds(bind: Bind, contract: Contract) -> dict[str, EntityBounds]:
         return {row[0]: EntityBounds(*row) for row in conn.execute(query)}
 
 
-def get_watermark(conn: Connection, source: str, entity: str, model_name: str) -> Watermark | None:
-    """The watermark of (source, entity, model_name), or None before the first scores."""
-    w = scoring_watermarks.c
-    query = sa.select(w.entity, w.model_name, w.last_ts, w.model_version, w.run_id).where(
-        w.source == check_identifier(source, "source"), w.entity == entity,
-        w.model_name == model_name)
-    row = conn.execute(query).one_or_none()
-    return None if row is None else Watermark(*row)
-
-
-def write_scores(conn: Connection, source: str, frame: pd.DataFrame, watermark: Watermark, *,
-                 move_watermark: bool = True) -> int:
-    """Upsert one entity's scores (replacing earlier ones) and advance its watermark, in ``conn``.
-
-    ``frame`` has the columns ``SCORE_COLUMNS`` (``top_sensors``: JSON text or a list of sensor
-    names) and optionally ``entity`` (must equal ``watermark.entity``); entity, model name and
-    version and run id come from ``watermark``. Pass a connection from ``engine.begin()``: scores
-    and watermark commit together or not at all. ``move_watermark=False`` (backfills) leaves the
-    watermark as it is. Returns the number of score rows written.
-    """
-    check_identifier(source, "source")
-    missing = sorted(set(SCORE_COLUMNS) - set(frame.columns))
-    extra = sorted(set(frame.columns) - set(SCORE_COLUMNS) - {"entity"})
-    if missing or extra:
-        raise ValueError(f"score frame: missing columns {missing}, unexpected columns {extra}")
-    if "entity" in frame and (frame["entity"] != watermark.entity).any():
-        raise ValueError(f"score frame holds entities other than {watermark.entity!r}")
-    if frame["ts"].duplicated().any():
-        raise ValueError("score frame has duplicate timestamps")
-    now = datetime.now(UTC).replace(tzinfo=None)
-    frame = frame.assign(
-        source=source, entity=watermark.entity, model_name=watermark.model_name,
-        model_version=watermark.model_version, run_id=watermark.run_id, scored_at=now,
-        top_sensors=frame["top_sensors"].map(_as_json, na_action="ignore"))
-    insert = _insert(conn)
-    stage = _staged(conn, anomaly_scores, frame)
-    insert = insert(anomaly_scores).from_select(
-        list(anomaly_scores.columns.keys()), sa.select(stage).where(sa.true()).order_by(stage.c.ts))
-    replace = {c.name: insert.excluded[c.name] for c in anomaly_scores.columns if not c.primary_key}
-    conn.execute(insert.on_conflict_do_update(
-        index_elements=list(anomaly_scores.primary_key.columns.keys()), set_=replace))
-    stage.drop(conn)
-    if move_watermark:
-        _move_watermark(conn, source, watermark, now)
-    return len(frame)
-
-
-def _as_json(value: str | Sequence[str]) -> str:
-    return value if isinstance(value, str) else json.dumps(list(value))
-
-
-def _move_watermark(conn: Connection, source: str, watermark: Watermark, now: datetime) -> None:
-    insert = _insert(conn)(scoring_watermarks).values(
-        source=source, entity=watermark.entity, model_name=watermark.model_name,
-        last_ts=_naive_utc(watermark.last_ts), model_version=watermark.model_version,
-        run_id=watermark.run_id, updated_at=now)
-    moved = ("last_ts", "model_version", "run_id", "updated_at")
-    conn.execute(insert.on_conflict_do_update(
-        index_elements=list(scoring_watermarks.primary_key.columns.keys()),
-        set_={name: insert.excluded[name] for name in moved},
-        where=insert.excluded.last_ts >= scoring_watermarks.c.last_ts))
-
-
 def record_ingest(bind: Bind, source: str, path: str, sha256: str, rows: int) -> None:
     """Note that a file (by content hash) was loaded into ``source``; a repeat is a no-op."""
     row = {"source": check_identifier(source, "source"), "file_sha256": sha256, "path": path,
            "rows": rows, "loaded_at": datetime.now(UTC).replace(tzinfo=None)}
     with _transaction(bind) as conn:
-        conn.execute(_insert(conn)(ingest_log).values(**row).on_conflict_do_nothing())
+        conn.execute(dialect_insert(conn)(ingest_log).values(**row).on_conflict_do_nothing())
 
 
 def already_ingested(bind: Bind, source: str, sha256: str) -> bool:
@@ -433,13 +291,6 @@ def already_ingested(bind: Bind, source: str, sha256: str) -> bool:
         return conn.execute(query).first() is not None
 
 
-def is_transient(_task: Any, _task_run: Any, state: State) -> bool:
-    """Prefect retry condition: retry lost connections and lock timeouts, never bad data or SQL."""
-    error = state.result(raise_on_failure=False)
-    return isinstance(error, sa.exc.OperationalError) or (
-        isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated)
-
-
 _IO: dict[str, Any] = {"cache_policy": NO_CACHE, "retries": 3, "retry_delay_seconds": [2, 10, 30],
-                       "retry_condition_fn": is_transient}
+                       "retry_condition_fn": retry_if_transient}
 list_entities_task = task(name="list-entities", **_IO)(list_entities)

@@ -15,10 +15,12 @@ from prefect.states import Failed
 
 from data_contracts.contract import Contract, SensorRule, load_contract
 from tasks.errors import DataContractError
+from tasks.scores_store import (
+    Watermark, anomaly_scores, get_watermark, scoring_watermarks, write_scores,
+)
 from tasks.warehouse import (
-    Watermark, already_ingested, anomaly_scores, ensure_schema, entity_bounds, get_engine,
-    get_watermark, list_entities, read_readings, readings_table, record_ingest, scoring_watermarks,
-    list_entities_task, upsert_readings, write_scores,
+    already_ingested, ensure_schema, entity_bounds, get_engine, list_entities, list_entities_task,
+    read_readings, readings_table, record_ingest, upsert_readings,
 )
 
 SMD = load_contract("smd")
