@@ -34,8 +34,10 @@ INSERT INTO atp_roles VALUES ('scoring', :'scoring_role'), ('training', :'traini
 GRANT SELECT ON atp_roles TO :"owner_role";
 
 -- A new public table is granted by its name: <source>_readings are read by scoring and training;
--- the results tables are read by training and written (insert, update) by scoring. Any other
--- table (ingest_log, ...) stays the owner's alone. Runs as the role that created the table.
+-- the results tables (scores, watermarks, alarm events, drift flags, adaptive threshold state) are
+-- read by training and written by scoring (alarm events and drift flags are re-derived, hence
+-- DELETE). Any other table (ingest_log, ...) stays the owner's alone. Runs as the role that
+-- created the table; the owner creates them all (`atp ingest`), so scoring never needs CREATE.
 CREATE FUNCTION atp_grant_new_tables() RETURNS event_trigger LANGUAGE plpgsql AS $$
 DECLARE
   created record;
@@ -51,8 +53,10 @@ BEGIN
     SELECT role_name INTO training FROM atp_roles WHERE part = 'training';
     IF created.relname LIKE '%\_readings' THEN
       EXECUTE format('GRANT SELECT ON %s TO %I, %I', created.qualified, scoring, training);
-    ELSIF created.relname IN ('anomaly_scores', 'scoring_watermarks') THEN
-      EXECUTE format('GRANT SELECT, INSERT, UPDATE ON %s TO %I', created.qualified, scoring);
+    ELSIF created.relname IN ('anomaly_scores', 'scoring_watermarks', 'anomaly_events',
+                              'drift_flags', 'adaptive_threshold_state') THEN
+      EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s TO %I', created.qualified,
+                     scoring);
       EXECUTE format('GRANT SELECT ON %s TO %I', created.qualified, training);
     END IF;
   END LOOP;

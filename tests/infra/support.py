@@ -1,0 +1,117 @@
+"""Helpers of the infra tests: warehouse roles from the init SQL, local server processes."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+REPO = Path(__file__).parents[2]
+ROLES_SQL = REPO / "infra" / "postgres" / "warehouse-roles.sql"
+PARTS = ("owner", "scoring", "training")
+
+
+@dataclass(frozen=True)
+class Roles:
+    """The warehouse's roles in one database; trust auth on loopback checks no password."""
+
+    names: dict[str, str]
+    url: sa.URL
+
+    def url_for(self, part: str) -> str:
+        """The warehouse URL of one role (``owner``, ``scoring`` or ``training``)."""
+        return self.url.set(username=self.names[part]).render_as_string(hide_password=False)
+
+    def engine(self, part: str) -> sa.Engine:
+        return sa.create_engine(self.url_for(part))
+
+
+def apply_roles_sql(database_url: str, names: dict[str, str]) -> None:
+    """Run the init SQL with psql, as the container hook does: names and passwords from env."""
+    url = sa.make_url(database_url)
+    env = {
+        **os.environ,
+        "PGHOST": url.host or "127.0.0.1",
+        "PGPORT": str(url.port or 5432),
+        "PGUSER": url.username or "postgres",
+        "PGDATABASE": url.database or "",
+    }
+    for part, name in names.items():
+        env[f"ATP_{part.upper()}_ROLE"] = name
+        env[f"ATP_{part.upper()}_PASSWORD"] = secrets.token_urlsafe(12)
+    subprocess.run(
+        ["psql", "-q", "-f", str(ROLES_SQL)], env=env, check=True, capture_output=True, timeout=60
+    )
+
+
+def drop_roles(admin_url: str, names: list[str]) -> None:
+    engine = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        for name in names:
+            conn.exec_driver_sql(f'DROP OWNED BY "{name}" CASCADE')
+            conn.exec_driver_sql(f'DROP ROLE "{name}"')
+    engine.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Service:
+    """A server or worker process started by a test, in a process group of its own."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM to its group; SIGKILL only if it does not exit in ``timeout`` seconds."""
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+            pytest.fail(f"{self.name} ignored SIGTERM for {timeout} s; log: {self.log}")
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start(name: str, command: list[str], env: dict[str, str], logs: Path) -> Service:
+    log = logs / f"{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return Service(name, process, log)
+
+
+def wait_healthy(service: Service, url: str, timeout: float = 90) -> None:
+    """Poll ``url`` until it answers 200; fail with the service's log if it dies or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            code = service.process.returncode
+            pytest.fail(f"{service.name} exited with {code}:\n{service.tail()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{service.name} not healthy after {timeout} s:\n{service.tail()}")
