@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,17 @@ def check_identifier(value: str, what: str) -> str:
 
 @dataclass(frozen=True)
 class SensorRule:
-    """One numeric sensor column: its allowed range and whether nulls are allowed."""
+    """One numeric sensor column: its allowed range and whether nulls are allowed.
+
+    ``source`` is its name in source files (a column header, or a sensor name in a long file)
+    when that differs from ``name``, its warehouse column.
+    """
 
     name: str
     min: float | None = None
     max: float | None = None
     nullable: bool = False
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,8 @@ class Contract:
     The warehouse table ``<name>_readings`` has columns ``entity``, ``ts`` (UTC), one float column
     per sensor and, when ``has_label``, an integer ``label`` (null outside the labelled range).
     ``entity_column``/``timestamp_column``/``label_column`` name those columns in source files.
+    ``layout: long`` files hold one reading per row in ``sensor_column`` and ``value_column``;
+    ingest pivots them to one column per sensor.
     """
 
     name: str
@@ -55,6 +63,9 @@ class Contract:
     min_rows_per_entity: int = 100
     extra_columns: Literal["forbid", "ignore"] = "forbid"
     description: str = ""
+    layout: Literal["wide", "long"] = "wide"
+    sensor_column: str | None = None
+    value_column: str | None = None
 
     @property
     def sensor_names(self) -> list[str]:
@@ -73,14 +84,19 @@ class Contract:
         """Column names of the readings table, in table order."""
         return ["entity", "ts", *self.sensor_names, *(["label"] if self.has_label else [])]
 
+    @property
+    def source_sensor_names(self) -> dict[str, str]:
+        """Source name -> warehouse column of every sensor."""
+        return {s.source or s.name: s.name for s in self.sensors}
+
 
 _TOP_KEYS = frozenset({
     "name", "version", "description", "sensors", "entity_column", "timestamp_column",
     "label_column", "timestamp_timezone", "cadence_seconds", "min_rows_per_entity",
-    "extra_columns",
+    "extra_columns", "layout", "sensor_column", "value_column",
 })
 _SENSOR_SECTION_KEYS = frozenset({"defaults", "columns"})
-_SENSOR_KEYS = frozenset({"name", "min", "max", "nullable"})
+_SENSOR_KEYS = frozenset({"name", "min", "max", "nullable", "source"})
 
 
 def _positive_int(value: Any, key: str, where: str) -> int:
@@ -113,7 +129,10 @@ def _sensor_rule(entry: Any, defaults: dict[str, Any], where: str) -> SensorRule
     nullable = spec.get("nullable", False)
     if not isinstance(nullable, bool):
         raise ValueError(f"{where}: sensor {name!r} nullable must be a boolean, not {nullable!r}")
-    return SensorRule(name=name, min=low, max=high, nullable=nullable)
+    source = spec.get("source")
+    if source is not None and (not isinstance(source, str) or not source.strip()):
+        raise ValueError(f"{where}: sensor {name!r} source must be a non-empty string")
+    return SensorRule(name=name, min=low, max=high, nullable=nullable, source=source)
 
 
 def _sensor_rules(raw: Any, contract_name: str) -> tuple[SensorRule, ...]:
@@ -132,10 +151,30 @@ def _sensor_rules(raw: Any, contract_name: str) -> tuple[SensorRule, ...]:
         raise ValueError(f"{where}: sensors.columns must list at least one column")
     rules = tuple(_sensor_rule(entry, defaults, where) for entry in columns)
     names = [r.name for r in rules]
+    sources = [r.source or r.name for r in rules]
     duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates += sorted({n for n in sources if sources.count(n) > 1} - set(duplicates))
     if duplicates:
         raise ValueError(f"{where}: duplicate sensor columns {duplicates}")
     return rules
+
+
+def _layout(raw: dict[str, Any], where: str) -> tuple[str, str | None, str | None]:
+    """``wide`` (one column per sensor) or ``long`` with its sensor-name and value columns."""
+    layout = raw.get("layout", "wide")
+    sensor_column, value_column = raw.get("sensor_column"), raw.get("value_column")
+    if layout == "wide":
+        if sensor_column is not None or value_column is not None:
+            raise ValueError(f"{where}: sensor_column and value_column need layout: long")
+        return layout, None, None
+    if layout != "long":
+        raise ValueError(f"{where}: layout must be 'wide' or 'long', got {layout!r}")
+    for key, value in (("sensor_column", sensor_column), ("value_column", value_column)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{where}: layout long needs {key}, a non-empty string")
+    if sensor_column == value_column:
+        raise ValueError(f"{where}: sensor_column and value_column must differ")
+    return layout, sensor_column, value_column
 
 
 def _source_columns(raw: dict[str, Any], where: str) -> tuple[str, str, str | None]:
@@ -180,6 +219,10 @@ def contract_from_dict(raw: dict[str, Any]) -> Contract:
     clash = {entity_column, timestamp_column, label_column} & {s.name for s in sensors}
     if clash:
         raise ValueError(f"{where}: source columns {sorted(clash)} are also sensor names")
+    layout, sensor_column, value_column = _layout(raw, where)
+    named = {entity_column, timestamp_column, label_column}
+    if layout == "long" and {sensor_column, value_column} & named:
+        raise ValueError(f"{where}: sensor_column and value_column must differ from the others")
     return Contract(
         name=name,
         version=version,
@@ -192,17 +235,28 @@ def contract_from_dict(raw: dict[str, Any]) -> Contract:
         min_rows_per_entity=min_rows,
         extra_columns=extra,
         description=str(raw.get("description", "")),
+        layout=layout,
+        sensor_column=sensor_column,
+        value_column=value_column,
     )
 
 
+def user_contract_dir() -> Path:
+    """Where ingest keeps the contracts it was given by path: ``$ATP_HOME/contracts``."""
+    return Path(os.environ.get("ATP_HOME", ".atp")).expanduser().resolve() / "contracts"
+
+
 def load_contract(name_or_path: str | Path) -> Contract:
-    """Load a bundled contract by name (``smd``) or any contract YAML file by path."""
+    """Load a contract by name (bundled, else ``user_contract_dir()``) or any YAML file by path."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = CONTRACT_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            path = user_contract_dir() / f"{name_or_path}.yaml"
     if not path.is_file():
         raise FileNotFoundError(
-            f"no data contract {str(name_or_path)!r}: bundled contracts are {list_contracts()}"
+            f"no data contract {str(name_or_path)!r}: bundled contracts are {list_contracts()}; "
+            f"ingest --contract PATH registers others in {user_contract_dir()}"
         )
     try:
         with path.open() as handle:

@@ -46,7 +46,7 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     """The decoded text of a plain or gzip file; refuses a file that is not what its name says."""
     raw = path.read_bytes()
     if path.suffix == ".gz":
@@ -71,7 +71,7 @@ def _read_text(path: Path) -> str:
 
 def _read_values(path: Path, width: int) -> np.ndarray:
     """A headerless comma-separated file of exactly ``width`` numbers per line, as float64."""
-    text = _read_text(path)
+    text = read_text(path)
     lines = text.splitlines()
     for number, line in enumerate(lines, start=1):
         if line.count(",") != width - 1:
@@ -95,7 +95,7 @@ def _not_a_number(path: Path, lines: list[str], error: ValueError) -> IngestErro
 
 def _read_labels(path: Path) -> np.ndarray:
     """One 0/1 label per line."""
-    lines = _read_text(path).splitlines()
+    lines = read_text(path).splitlines()
     for number, line in enumerate(lines, start=1):
         if line.strip() not in ("0", "1"):
             raise IngestError(f"{path}: line {number} is not a 0/1 label: {line[:40]!r}")
@@ -192,7 +192,7 @@ def read_table(path: Path, contract: Contract) -> pd.DataFrame:
 
 
 def _read_csv(path: Path, contract: Contract) -> pd.DataFrame:
-    text = _read_text(path)
+    text = read_text(path)
     header = text.partition("\n")[0]
     separator = ";" if header.count(";") > header.count(",") else ","
     text_columns = {contract.entity_column: "str", contract.timestamp_column: "str"}
@@ -207,3 +207,64 @@ def _read_parquet(path: Path) -> pd.DataFrame:
         return pq.read_table(path).to_pandas()
     except (pa.ArrowInvalid, OSError) as error:
         raise IngestError(f"{path}: not a readable Parquet file ({error})") from error
+
+
+def to_wide(frame: pd.DataFrame, contract: Contract, *, source: str) -> pd.DataFrame:
+    """A source table with one column per sensor, named as in the warehouse.
+
+    A ``layout: long`` table (entity, ts, sensor, value[, label]) is pivoted first; the
+    row order is that of each (entity, ts) first appearance. Sensors are renamed from their
+    ``source`` names. Entity, ts and label keep their source names (``coerce_readings`` maps them).
+    """
+    if contract.layout == "long":
+        frame = _pivot_long(frame, contract, source)
+    return frame.rename(columns=contract.source_sensor_names)
+
+
+def _pivot_long(frame: pd.DataFrame, contract: Contract, source: str) -> pd.DataFrame:
+    keys = [contract.entity_column, contract.timestamp_column]
+    sensor, value = contract.sensor_column, contract.value_column
+    assert sensor is not None and value is not None
+    needed = [*keys, sensor, value, *([contract.label_column] if contract.label_column else [])]
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        found = list(frame.columns)
+        raise IngestError(f"{source}: long layout needs columns {missing}; found {found}")
+    data = frame[needed].copy()
+    data[sensor] = data[sensor].astype("str")
+    known = set(contract.source_sensor_names)
+    unknown = data.loc[~data[sensor].isin(known), sensor]
+    if len(unknown) and contract.extra_columns == "forbid":
+        raise IngestError(f"{source}: {len(unknown)} rows name sensors not in the contract, e.g. "
+                          f"{sorted(set(unknown))[:5]} (line {unknown.index[0] + 2})")
+    data = data[data[sensor].isin(known)]
+    numbers = pd.to_numeric(data[value], errors="coerce")
+    bad = data[value].notna() & numbers.isna()
+    if bad.any():
+        examples = [f"line {i + 2}: {data[value][i]!r}" for i in data.index[bad][:5]]
+        raise IngestError(f"{source}: column {value!r} has {int(bad.sum())} values that are not "
+                          f"numbers, e.g. {', '.join(examples)}")
+    data[value] = numbers.astype("float64")
+    repeated = data.duplicated([*keys, sensor], keep=False)
+    if repeated.any():
+        examples = data.loc[repeated, [*keys, sensor]].head(5).itertuples(index=False)
+        raise IngestError(f"{source}: {int(repeated.sum())} rows repeat an (entity, ts, sensor), "
+                          f"e.g. {[tuple(e) for e in examples]}")
+    return _spread(data, contract, keys, source)
+
+
+def _spread(data: pd.DataFrame, contract: Contract, keys: list[str], source: str) -> pd.DataFrame:
+    """One row per (entity, ts) in first-appearance order, one column per sensor, and the label."""
+    order = data[keys].drop_duplicates()
+    wide = data.set_index([*keys, contract.sensor_column])[contract.value_column].unstack()
+    wide = wide.reindex(pd.MultiIndex.from_frame(order)).reset_index()
+    wide.columns.name = None
+    if contract.label_column is not None:
+        label = contract.label_column
+        labels = data.groupby(keys, sort=False)[label].agg(["nunique", "first"])
+        conflicting = labels[labels["nunique"] > 1]
+        if len(conflicting):
+            raise IngestError(f"{source}: {len(conflicting)} (entity, ts) carry different labels "
+                              f"on different sensor rows, e.g. {list(conflicting.index[:5])}")
+        wide[label] = labels["first"].reindex(pd.MultiIndex.from_frame(order)).to_numpy()
+    return wide

@@ -1,0 +1,82 @@
+"""What every benchmark loader returns, and the small helpers they share."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks.errors import IngestError
+from tasks.ingest import read_text
+
+ORIGIN = datetime(2020, 1, 1)  # naive UTC start of series that carry no timestamps
+
+
+@dataclass(frozen=True)
+class SourceLoad:
+    """Rows in warehouse form (``entity, ts, sensors..., label``), what was skipped and why,
+    and notes on quirks repaired (rows dropped, values filled)."""
+
+    frame: pd.DataFrame
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def read_csv_text(path: Path, **options: object) -> pd.DataFrame:
+    """A CSV file read from its checked text; pandas errors become IngestError naming the file."""
+    try:
+        return pd.read_csv(io.StringIO(read_text(path)), **options)  # type: ignore[arg-type]
+    except ValueError as error:
+        raise IngestError(f"{path}: {error}") from error
+
+
+def numeric_columns(frame: pd.DataFrame, columns: list[str], path: Path) -> pd.DataFrame:
+    """``columns`` as float64; IngestError with the first offending line and value otherwise."""
+    out = frame.copy()
+    for column in columns:
+        values = pd.to_numeric(out[column], errors="coerce")
+        bad = out[column].notna() & values.isna()
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise IngestError(
+                f"{path}: column {column!r}, data row {row + 1} is not a number: "
+                f"{out[column].iat[row]!r} ({int(bad.sum())} such values)"
+            )
+        out[column] = values.astype("float64")
+    return out
+
+
+def synthetic_ts(rows: int, cadence_seconds: int) -> pd.DatetimeIndex:
+    """``rows`` timestamps from ``ORIGIN``, one every ``cadence_seconds`` (for unstamped series)."""
+    return pd.date_range(ORIGIN, periods=rows, freq=f"{cadence_seconds}s", unit="us")
+
+
+def labels(unlabelled: int, values: np.ndarray) -> pd.arrays.IntegerArray:
+    """Null for the first ``unlabelled`` rows (the training range), then the 0/1 ``values``."""
+    data = np.concatenate([np.zeros(unlabelled, np.int64), np.asarray(values, np.int64)])
+    return pd.arrays.IntegerArray(data, np.arange(data.size) < unlabelled)
+
+
+def warehouse_frame(
+    entity: str,
+    ts: pd.Series | pd.DatetimeIndex,
+    values: pd.DataFrame,
+    label: pd.arrays.IntegerArray,
+) -> pd.DataFrame:
+    """``entity, ts, <values columns>, label`` for one entity."""
+    frame = values.reset_index(drop=True).astype("float64")
+    frame.insert(0, "entity", pd.Series(entity, index=frame.index, dtype="str"))
+    frame.insert(1, "ts", pd.Series(pd.DatetimeIndex(ts).as_unit("us"), index=frame.index))
+    frame["label"] = label
+    return frame
+
+
+def concat(frames: list[pd.DataFrame], root: Path) -> pd.DataFrame:
+    """All entities as one frame; IngestError when there is none."""
+    if not frames:
+        raise IngestError(f"{root}: no series found to load")
+    return pd.concat(frames, ignore_index=True)
