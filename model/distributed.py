@@ -1,0 +1,323 @@
+"""Data-parallel training on several GPUs (or CPU processes) with DistributedDataParallel.
+
+One process per device, started by torchrun::
+
+    torchrun --nproc_per_node N -m model.distributed --data DATA.npz --out CKPT [--config JSON]
+
+``DATA.npz`` holds scaled float32 `(T, C)` arrays ``fit_0, fit_1, ...`` (training) and ``val_0,
+...`` (validation, may be absent); ``--config`` is a JSON file ``{"model": {...}, "train":
+{...}}`` of ``ModelConfig`` / ``TrainConfig`` fields (``n_channels`` defaults to the data's).
+
+Each epoch every rank draws the same shuffled order of global batches of ``world * batch_size``
+windows (``batch_size`` is per rank) and trains on its own slice of each, so N ranks see what one
+process with ``N * batch_size`` would see. The update is ``model.train.fit``'s (surrogate
+minimax, Adam, the reference's halving schedule); DDP averages the gradients. Rank 0 computes the
+validation MSE and broadcasts it, so every rank takes the same early-stopping decision, and
+rank 0 writes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from model.checkpoint import save_checkpoint
+from model.config import ModelConfig, TrainConfig
+from model.losses import MinimaxLosses
+from model.network import AnomalyTransformer
+from model.steps import (
+    TrainStep,
+    compile_options,
+    deterministic_mode,
+    epoch_batches,
+    make_optimizer,
+    validation_rec,
+)
+from model.train import (
+    EpochRecord,
+    FitResult,
+    History,
+    _EarlyStopping,
+    _report,
+    _window_set,
+    check_series,
+    reference_lr,
+)
+from model.windows import WindowSet
+
+# The buffers are constants: no broadcast before each forward (the argument's name since 2.13).
+_DDP_ARGS = inspect.signature(DistributedDataParallel).parameters
+_NO_BUFFER_SYNC = {
+    "forward_sync_buffers" if "forward_sync_buffers" in _DDP_ARGS else "broadcast_buffers": False
+}
+
+
+class _Objective(torch.nn.Module):
+    """The network plus the minimax losses as one module, so that DDP (and compile) wraps both."""
+
+    def __init__(self, model: AnomalyTransformer, losses: Callable[[torch.Tensor], MinimaxLosses]):
+        super().__init__()
+        self.model = model
+        self.losses = losses
+
+    def forward(self, x: torch.Tensor) -> MinimaxLosses:
+        return self.losses(x)
+
+
+class DistributedTrainStep(TrainStep):
+    """``TrainStep`` whose losses run through DDP: gradients are averaged over the ranks.
+
+    With ``train_cfg.compile`` the DDP-wrapped objective is compiled (DDP's graph splitting at
+    bucket boundaries); on CUDA with CUDA graphs unless ``cuda_graphs=False``.
+    """
+
+    def __init__(
+        self,
+        model: AnomalyTransformer,
+        optimizer: torch.optim.Optimizer,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        backend: str = "inductor",
+        cuda_graphs: bool = True,
+    ) -> None:
+        if train_cfg.minimax != "surrogate":
+            raise ValueError(
+                f"invalid minimax={train_cfg.minimax!r}: expected 'surrogate' (DDP reduces "
+                "each gradient once per step)"
+            )
+        super().__init__(model, optimizer, model_cfg, replace(train_cfg, compile=False))
+        self.train_cfg = train_cfg
+        on_cuda = self.device.type == "cuda"
+        ddp = DistributedDataParallel(
+            _Objective(model, self._eager_losses),
+            device_ids=[self.device.index] if on_cuda else None,
+            **_NO_BUFFER_SYNC,
+        )
+        self.losses = ddp
+        if train_cfg.compile:
+            self.cuda_graphs = cuda_graphs and backend == "inductor" and on_cuda
+            options = compile_options(self.cuda_graphs) if backend == "inductor" else None
+            self.losses = torch.compile(ddp, backend=backend, options=options)
+
+
+def rank_batches(
+    n_windows: int, batch_size: int, generator: torch.Generator, rank: int, world: int
+) -> torch.Tensor:
+    """This rank's window ids `(n_batches, batch_size)` of one epoch.
+
+    All ranks draw the same shuffled global batches of ``world * batch_size`` (``epoch_batches``)
+    and take disjoint slices of each; with fewer windows than that, each rank takes an equal slice.
+    """
+    batches = epoch_batches(n_windows, world * batch_size, generator)  # (n_batches, global)
+    size = batches.shape[1] // world
+    if size == 0:
+        raise ValueError(f"invalid data: {n_windows} window(s) for {world} ranks")
+    return batches[:, rank * size : (rank + 1) * size]
+
+
+def _train_epoch(
+    step: DistributedTrainStep,
+    windows: WindowSet,
+    train_cfg: TrainConfig,
+    generator: torch.Generator,
+    steps_before: int,
+) -> tuple[list[float], int]:
+    """One epoch on this rank's shards; the ``(loss1, rec, discrepancy)`` means over all ranks."""
+    step.model.train()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches = rank_batches(len(windows), train_cfg.batch_size, generator, rank, world)
+    batches = batches.to(windows.starts.device)
+    sums = torch.zeros(3, device=windows.device)
+    steps = 0
+    for window_ids in batches:
+        sums += step(windows.batch(window_ids))
+        steps += 1
+        if train_cfg.max_steps is not None and steps_before + steps >= train_cfg.max_steps:
+            break
+    dist.all_reduce(sums)
+    means = (sums / (steps * world)).tolist()
+    if not all(math.isfinite(m) for m in means):
+        raise RuntimeError(f"training diverged: non-finite loss ({means})")
+    return means, steps
+
+
+def _broadcast_val_rec(
+    model: AnomalyTransformer, windows: WindowSet | None, train_cfg: TrainConfig
+) -> float | None:
+    """Rank 0's validation MSE, the same float on every rank; None without validation data."""
+    if windows is None:
+        return None
+    value = torch.zeros(1, dtype=torch.float64, device=windows.device)
+    if dist.get_rank() == 0:
+        value += validation_rec(model, windows, train_cfg.batch_size, train_cfg.precision)
+    dist.broadcast(value, src=0)
+    return float(value)
+
+
+def _train(
+    step: DistributedTrainStep,
+    train_cfg: TrainConfig,
+    train_windows: WindowSet,
+    val_windows: WindowSet | None,
+) -> History:
+    model = step.model
+    generator = torch.Generator().manual_seed(train_cfg.seed)
+    stopping = _EarlyStopping(train_cfg.patience)
+    history, total_steps = History(), 0
+    report_cfg = replace(train_cfg, progress=train_cfg.progress and dist.get_rank() == 0)
+    for epoch in range(1, train_cfg.max_epochs + 1):
+        lr = reference_lr(train_cfg.lr, epoch, train_cfg.lr_halving)
+        for group in step.optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        means, steps = _train_epoch(step, train_windows, train_cfg, generator, total_steps)
+        total_steps += steps
+        val_rec = _broadcast_val_rec(model, val_windows, train_cfg)
+        record = EpochRecord(epoch, steps, *means, val_rec, lr, time.perf_counter() - started)
+        history.epochs.append(record)
+        _report(record, report_cfg, None)
+        if val_rec is not None and stopping.update(epoch, val_rec, model):
+            history.stopped_early = True
+            break
+        if train_cfg.max_steps is not None and total_steps >= train_cfg.max_steps:
+            break
+    if stopping.best_state is not None:
+        model.load_state_dict(stopping.best_state)
+    history.best_epoch = stopping.best_epoch if val_windows is not None else len(history.epochs)
+    return history
+
+
+def rank_device(train_cfg: TrainConfig) -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is present and ``train_cfg.device`` is not ``"cpu"``."""
+    if train_cfg.device != "cpu" and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def fit_distributed(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    train_series: Sequence[np.ndarray],
+    val_series: Sequence[np.ndarray],
+    cuda_graphs: bool = True,
+    backend: str = "inductor",
+) -> FitResult:
+    """``model.train.fit`` on every rank of the initialised default process group.
+
+    ``train_cfg.batch_size`` is per rank. Every rank returns the same weights (the best epoch's).
+    ``cuda_graphs=False`` compiles without CUDA graphs; ``backend`` is the compile backend.
+
+    Raises:
+        ValueError: bad series (as ``fit``), or ``minimax="two_backward"``.
+        RuntimeError: no process group, or the training loss became NaN/inf.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("fit_distributed needs torch.distributed.init_process_group() first")
+    if len(train_series) == 0:
+        raise ValueError("invalid train_series: expected at least one (T, C) array")
+    check_series(train_series, model_cfg, "train_series")
+    check_series(val_series, model_cfg, "val_series")
+    device = rank_device(train_cfg)
+    with deterministic_mode(train_cfg.deterministic):
+        torch.manual_seed(train_cfg.seed)
+        model = AnomalyTransformer(model_cfg).to(device)
+        optimizer = make_optimizer(model, train_cfg)
+        step = DistributedTrainStep(model, optimizer, model_cfg, train_cfg, backend, cuda_graphs)
+        train_windows = _window_set(train_series, model_cfg, train_cfg.stride, device)
+        val_windows = None
+        if len(val_series):
+            val_windows = _window_set(val_series, model_cfg, train_cfg.stride, device)
+        history = _train(step, train_cfg, train_windows, val_windows)
+    return FitResult(model.eval(), history)
+
+
+def save_dataset(
+    path: str | Path, fit_series: Sequence[np.ndarray], val_series: Sequence[np.ndarray]
+) -> None:
+    """Write the hand-over file: ``fit_i`` and ``val_i`` float32 arrays in one ``.npz``."""
+    arrays = {f"fit_{i}": np.asarray(s, dtype=np.float32) for i, s in enumerate(fit_series)}
+    arrays |= {f"val_{i}": np.asarray(s, dtype=np.float32) for i, s in enumerate(val_series)}
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def load_dataset(path: str | Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The ``(fit, val)`` series of a ``save_dataset`` file, in index order.
+
+    Raises:
+        ValueError: a key other than ``fit_<i>`` / ``val_<i>``.
+    """
+    parts: dict[str, dict[int, np.ndarray]] = {"fit": {}, "val": {}}
+    with np.load(path) as data:
+        for key in data.files:
+            kind, _, index = key.partition("_")
+            if kind not in parts or not index.isdigit():
+                raise ValueError(f"invalid key {key!r} in {path}: expected fit_<i> or val_<i>")
+            parts[kind][int(index)] = data[key]
+    return tuple([part[i] for i in sorted(part)] for part in parts.values())  # type: ignore[return-value]
+
+
+def _read_config(config_path: Path | None) -> dict[str, dict[str, object]]:
+    return json.loads(config_path.read_text()) if config_path is not None else {}
+
+
+def _configs(config_path: Path | None, n_channels: int) -> tuple[ModelConfig, TrainConfig]:
+    raw = _read_config(config_path)
+    model = {"n_channels": n_channels, **raw.get("model", {})}
+    return ModelConfig.from_dict(model), TrainConfig.from_dict(raw.get("train", {}))
+
+
+def train_from_file(
+    data: Path, out: Path, config: Path | None = None, cuda_graphs: bool = True
+) -> FitResult:
+    """``fit_distributed`` on a ``save_dataset`` file; rank 0 writes the checkpoint to ``out``.
+
+    Needs an initialised process group; the checkpoint's extras hold the history, the training
+    configuration and the world size.
+    """
+    fit_series, val_series = load_dataset(data)
+    model_cfg, train_cfg = _configs(config, int(np.shape(fit_series[0])[1]))
+    result = fit_distributed(model_cfg, train_cfg, fit_series, val_series, cuda_graphs)
+    if dist.get_rank() == 0:
+        extras = {
+            "history": result.history.to_dict(),
+            "train_config": train_cfg.to_dict(),
+            "world_size": dist.get_world_size(),
+        }
+        save_checkpoint(out, result.model, model_cfg, extras)
+    dist.barrier()
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The torchrun entry point: NCCL on CUDA machines, gloo otherwise."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help=".npz of fit_i / val_i arrays")
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint file to write")
+    parser.add_argument("--config", type=Path, help='JSON {"model": {...}, "train": {...}}')
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="compile without graphs")
+    args = parser.parse_args(argv)
+    cpu_only = _read_config(args.config).get("train", {}).get("device") == "cpu"
+    dist.init_process_group("nccl" if torch.cuda.is_available() and not cpu_only else "gloo")
+    try:
+        train_from_file(args.data, args.out, args.config, not args.no_cuda_graphs)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""DDP training on two CPU processes (gloo) against one process over the same data."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from model.checkpoint import load_checkpoint
+from model.config import ModelConfig, TrainConfig
+from model.distributed import (
+    fit_distributed,
+    load_dataset,
+    rank_batches,
+    save_dataset,
+    train_from_file,
+)
+from model.train import fit
+
+MODEL = {"n_channels": 3, "win_size": 16, "d_model": 16, "n_heads": 2, "e_layers": 1, "d_ff": 16}
+TRAIN = {
+    "batch_size": 8,
+    "max_epochs": 2,
+    "stride": 4,
+    "lr": 1e-3,
+    "device": "cpu",
+    "progress": False,
+    "deterministic": True,
+}
+
+
+def _rank_worker(rank: int, world: int, folder: str) -> None:
+    """One rank: train from the hand-over file, keep this rank's weights for the test."""
+    torch.set_num_threads(1)
+    root = Path(folder)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=world
+    )
+    try:
+        result = train_from_file(root / "data.npz", root / "model.ckpt", root / "config.json")
+        torch.save(result.model.state_dict(), root / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-process run (batch 8 per rank) written to a temporary folder."""
+    root = tmp_path_factory.mktemp("ddp")
+    rng = np.random.default_rng(0)
+    t = np.arange(400)[:, None]
+    series = [
+        np.sin(t / (5 + e) + np.arange(3)) + 0.1 * rng.standard_normal((400, 3)) for e in range(2)
+    ]
+    save_dataset(root / "data.npz", [s[:300] for s in series], [s[300:] for s in series])
+    (root / "config.json").write_text(json.dumps({"model": MODEL, "train": TRAIN}))
+    mp.spawn(_rank_worker, args=(2, str(root)), nprocs=2, join=True)
+    return root
+
+
+def _one_process(root: Path, run: Callable[..., object]) -> list[float]:
+    """Training losses of ``run`` (``fit`` or a 1-rank ``fit_distributed``) at batch 16."""
+    fit_series, val_series = load_dataset(root / "data.npz")
+    train_cfg = TrainConfig(**{**TRAIN, "batch_size": 16})
+    result = run(ModelConfig(**MODEL), train_cfg, fit_series, val_series)
+    return result.history.to_dict()["train_loss"]  # type: ignore[attr-defined]
+
+
+def test_both_ranks_end_with_identical_weights(two_ranks: Path) -> None:
+    weights = [torch.load(two_ranks / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+
+
+def test_the_checkpoint_holds_rank_0_weights_and_the_history(two_ranks: Path) -> None:
+    checkpoint = load_checkpoint(two_ranks / "model.ckpt")
+    weights = torch.load(two_ranks / "rank0.pt", weights_only=True)
+    for name, tensor in checkpoint.model.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
+    assert checkpoint.extras["world_size"] == 2
+    assert len(checkpoint.extras["history"]["train_loss"]) == TRAIN["max_epochs"]
+
+
+def test_two_ranks_train_like_one_process_with_the_global_batch(
+    two_ranks: Path, tmp_path: Path
+) -> None:
+    distributed = json.loads(json.dumps(load_checkpoint(two_ranks / "model.ckpt").extras))
+    two = distributed["history"]["train_loss"]
+    np.testing.assert_allclose(two, _one_process(two_ranks, fit), rtol=1e-4)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        np.testing.assert_allclose(two, _one_process(two_ranks, fit_distributed), rtol=1e-4)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_take_disjoint_slices_of_the_same_global_batches() -> None:
+    slices = [rank_batches(50, 4, torch.Generator().manual_seed(3), r, 3) for r in range(3)]
+    whole = torch.cat(slices, dim=1)  # (n_batches, 12)
+    expected = rank_batches(50, 12, torch.Generator().manual_seed(3), 0, 1)
+    assert torch.equal(whole, expected)
+    assert sorted(set(whole.flatten().tolist())) == list(range(50))
+
+
+def test_two_backward_minimax_is_refused(tmp_path: Path) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    series = [np.random.default_rng(0).standard_normal((64, 3)).astype(np.float32)]
+    train_cfg = TrainConfig(**{**TRAIN, "minimax": "two_backward"})
+    try:
+        with pytest.raises(ValueError, match="two_backward"):
+            fit_distributed(ModelConfig(**MODEL), train_cfg, series, [])
+    finally:
+        dist.destroy_process_group()
