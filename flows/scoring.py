@@ -9,20 +9,46 @@ from prefect.runtime import flow_run
 
 from data_contracts import load_contract
 from tasks.registry import load_model_version_task
-from tasks.scoring import EntityResult, backfill_range_task, score_new_rows_task
+from tasks.scoring import (
+    EntityResult,
+    ScoringOptions,
+    ThresholdMode,
+    backfill_range_task,
+    score_new_rows_task,
+)
 from tasks.settings import get_settings
 from tasks.warehouse import list_entities_task
 
 
 @flow(name="score", log_prints=True)
-def scoring_flow(source: str = "smd", alias: str = "champion", chunk_rows: int = 50_000) -> list[EntityResult]:
-    """Score every entity's rows after its watermark with ``models:/<name>@<alias>``."""
+def scoring_flow(
+    source: str = "smd",
+    alias: str = "champion",
+    chunk_rows: int = 50_000,
+    threshold_mode: ThresholdMode = "static",
+    event_gap: int = 10,
+    event_min_length: int = 1,
+) -> list[EntityResult]:
+    """Score every entity's rows after its watermark with ``models:/<name>@<alias>``.
+
+    Each batch also updates the alarm events, a drift check and, with
+    ``threshold_mode="adaptive"``, the entity's adaptive threshold, in the scores' transaction.
+    """
     settings = get_settings()
     contract = load_contract(source)
+    options = ScoringOptions(threshold_mode, event_gap, event_min_length)
     loaded = load_model_version_task(settings.model_name, alias)
     entities = list_entities_task(settings.warehouse_url, contract)
     return [
-        score_new_rows_task(settings.warehouse_url, contract, loaded, entity, run_id=str(flow_run.id), chunk_rows=chunk_rows)
+        score_new_rows_task(
+            settings.warehouse_url,
+            contract,
+            loaded,
+            entity,
+            run_id=str(flow_run.id),
+            chunk_rows=chunk_rows,
+            options=options,
+        )
         for entity in entities
     ]
 
@@ -34,15 +60,30 @@ def backfill_flow(
     end: datetime | None = None,
     alias: str = "champion",
     chunk_rows: int = 50_000,
+    event_gap: int = 10,
+    event_min_length: int = 1,
 ) -> list[EntityResult]:
-    """Re-score ``start <= ts < end`` for every entity; safe to re-run (upserts, same scores)."""
+    """Re-score ``start <= ts < end`` for every entity; safe to re-run (upserts, same scores).
+
+    Backfills use the static threshold (never the adaptive state) and re-derive the events they
+    touch with the same rules as the scheduled flow.
+    """
     settings = get_settings()
     contract = load_contract(source)
+    options = ScoringOptions(event_gap=event_gap, event_min_length=event_min_length)
     loaded = load_model_version_task(settings.model_name, alias)
     entities = list_entities_task(settings.warehouse_url, contract)
     return [
         backfill_range_task(
-            settings.warehouse_url, contract, loaded, entity, start=start, end=end, run_id=str(flow_run.id), chunk_rows=chunk_rows
+            settings.warehouse_url,
+            contract,
+            loaded,
+            entity,
+            start=start,
+            end=end,
+            run_id=str(flow_run.id),
+            chunk_rows=chunk_rows,
+            options=options,
         )
         for entity in entities
     ]

@@ -1,0 +1,192 @@
+"""Events, drift checks and adaptive thresholds out of the scheduled scoring and backfill flows.
+
+The champion is a tiny untrained network registered by hand, so that these tests do not depend on
+training: what they check is what scoring does with any model's scores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+import torch
+
+from data_contracts.contract import load_contract
+from flows.scoring import backfill_flow, scoring_flow
+from model.adaptive import AciState, aci_scores
+from model.checkpoint import save_checkpoint
+from model.config import ModelConfig
+from model.drift import TrainingProfile
+from model.network import AnomalyTransformer
+from model.scaling import Scaler
+from model.scoring import score_series
+from model.thresholds import conformal_threshold
+from tasks.alarm_tables import adaptive_state, anomaly_events, drift_flags
+from tasks.drift_monitor import NO_PROFILE, latest_drift
+from tasks.events import EventRules, derive_events
+from tasks.ingest import read_smd
+from tasks.registry import configure_tracking, load_model_version, log_and_register, set_alias
+from tasks.scores_store import anomaly_scores
+from tasks.settings import get_settings
+from tasks.warehouse import ensure_schema, get_engine, upsert_readings
+
+ALPHA = 0.05
+TRAIN_END = pd.Timestamp("2020-01-01 05:00")  # the first 300 rows of each machine
+PROFILED = "machine-9-1"  # the other machine has no training profile in the checkpoint
+
+
+def _register_champion(frame: pd.DataFrame, sensors: list[str], path: Path) -> None:
+    """An untrained 10-step network with scalers, calibration scores and one training profile."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        n_channels=len(sensors), win_size=10, d_model=8, n_heads=2, e_layers=1, d_ff=8
+    )
+    model = AnomalyTransformer(cfg).eval()
+    train = frame[frame["ts"] < TRAIN_END]
+    scalers, calibration = {}, []
+    for entity, rows in train.groupby("entity"):
+        raw = rows[sensors].to_numpy(np.float64)
+        scalers[entity] = Scaler.fit(raw)
+        scaled = scalers[entity].transform(raw).astype(np.float32)
+        calibration.append(score_series(model, scaled, "recon_last", skip=200).scores)
+    scores = np.sort(np.concatenate(calibration)).astype(float)
+    profile = TrainingProfile.fit(train.loc[train["entity"] == PROFILED, sensors].to_numpy())
+    extras = {
+        "source": "smd",
+        "sensors": sensors,
+        "scoring_method": "recon_last",
+        "scalers": {e: s.to_dict() for e, s in scalers.items()},
+        "threshold": conformal_threshold(scores, ALPHA),
+        "calibration_scores": scores.tolist(),
+        "calibration": {"method": "conformal", "alpha": ALPHA, "n_scores": int(scores.size)},
+        "training_profiles": {PROFILED: profile.to_dict()},
+    }
+    save_checkpoint(path, model, cfg, extras)
+    settings = get_settings()
+    configure_tracking(settings.mlflow_tracking_uri, settings.artifact_root)
+    registered = log_and_register(
+        checkpoint_path=path,
+        model_name=settings.model_name,
+        run_name="hand-built",
+        params={},
+        metrics={},
+    )
+    set_alias(settings.model_name, "champion", registered.version)
+
+
+@pytest.fixture
+def warehouse_url(sqlite_url: str) -> str:
+    """SQLite only: tests/tasks run events, drift and adaptive state on PostgreSQL too."""
+    return sqlite_url
+
+
+@pytest.fixture
+def readings(atp_env: str, smd_folder: Path, tmp_path: Path) -> pd.DataFrame:
+    """The SMD folder's readings (not loaded yet) and a registered champion."""
+    frame = read_smd(smd_folder).frame
+    contract = load_contract("smd")
+    ensure_schema(atp_env, contract)
+    _register_champion(frame, contract.sensor_names, tmp_path / "model.ckpt")
+    return frame
+
+
+def _load(url: str, frame: pd.DataFrame, until: str | None = None) -> None:
+    rows = frame if until is None else frame[frame["ts"] < pd.Timestamp(until)]
+    upsert_readings(url, load_contract("smd"), rows)
+
+
+def _table(url: str, table: sa.Table, *columns: str) -> pd.DataFrame:
+    query = sa.select(*(table.c[c] for c in columns)).order_by(table.c.entity, table.c[columns[1]])
+    with get_engine(url).connect() as conn:
+        return pd.DataFrame([tuple(r) for r in conn.execute(query)], columns=list(columns))
+
+
+EVENT_COLUMNS = (
+    "entity",
+    "start_ts",
+    "end_ts",
+    "status",
+    "points",
+    "peak_score",
+    "min_p_value",
+    "top_sensors",
+    "model_version",
+)
+SCORE_COLUMNS = (
+    "entity",
+    "ts",
+    "score",
+    "threshold",
+    "is_anomaly",
+    "p_value",
+    "top_sensors",
+    "model_version",
+)
+
+
+def _events_from_all_scores(url: str, rules: EventRules) -> pd.DataFrame:
+    """The oracle: events derived in one go from every stored score of each entity."""
+    scores = _table(url, anomaly_scores, *SCORE_COLUMNS)
+    found = []
+    for entity, rows in scores.groupby("entity"):
+        rows = rows.reset_index(drop=True).assign(pos=lambda f: np.arange(len(f)))
+        for event in derive_events(rows[rows["is_anomaly"]], len(rows), rules):
+            found.append({"entity": entity} | event)
+    return pd.DataFrame(found)[list(EVENT_COLUMNS)]
+
+
+def test_events_and_drift_agree_across_split_runs_and_backfills(readings: pd.DataFrame) -> None:
+    url = get_settings().warehouse_url
+    rules = {"event_gap": 3, "event_min_length": 2}
+    for until in ("2020-01-01 05:30", "2020-01-01 07:00", None):
+        _load(url, readings, until)
+        scoring_flow(source="smd", **rules)
+    scheduled = _table(url, anomaly_events, *EVENT_COLUMNS)
+    assert len(scheduled) >= 2 and set(scheduled["entity"]) == {"machine-9-1", "machine-9-2"}
+    expected = _events_from_all_scores(url, EventRules(gap=3, min_length=2))
+    pd.testing.assert_frame_equal(scheduled, expected, check_dtype=False)
+
+    backfill_flow(source="smd", start=pd.Timestamp("2020-01-01 06:50"), **rules)
+    backfill_flow(source="smd", **rules)
+    pd.testing.assert_frame_equal(_table(url, anomaly_events, *EVENT_COLUMNS), scheduled)
+
+    drift = {state.entity: state for state in latest_drift(url, "smd")}
+    assert set(drift) == {"machine-9-1", "machine-9-2"}
+    assert drift[PROFILED].drifted_sensors and drift["machine-9-2"].drifted_sensors == []
+    assert str(drift[PROFILED].batch_end) == "2020-01-01 08:19:00"
+    flags = _table(
+        url, drift_flags, "entity", "batch_start", "flag", "alarm_rate", "p_value", "statistics"
+    )
+    assert len(flags) == 6  # three scheduled batches per machine, none from the backfills
+    for row in flags.itertuples():
+        assert row.flag == (row.p_value <= 0.01 and row.alarm_rate >= 2 * ALPHA)
+        statistics = json.loads(row.statistics)
+        assert ("note" in statistics) == (row.entity != PROFILED)
+    assert NO_PROFILE in flags["statistics"].iloc[-1]
+
+
+def test_adaptive_mode_carries_its_state_across_runs(readings: pd.DataFrame) -> None:
+    url = get_settings().warehouse_url
+    for until in ("2020-01-01 06:00", None):
+        _load(url, readings, until)
+        scoring_flow(source="smd", threshold_mode="adaptive")
+    scores = _table(url, anomaly_scores, *SCORE_COLUMNS)
+    calibration = load_model_version(get_settings().model_name, "champion").extras[
+        "calibration_scores"
+    ]
+    for _, rows in scores.groupby("entity"):
+        expected = aci_scores(AciState(ALPHA), calibration, rows["score"].to_numpy())
+        np.testing.assert_array_equal(rows["threshold"], expected.thresholds)
+        np.testing.assert_array_equal(rows["is_anomaly"], expected.is_anomaly)
+    state = _table(url, adaptive_state, "entity", "last_ts", "state")
+    assert [json.loads(s)["n_scored"] for s in state["state"]] == [500, 500]
+    assert scores["threshold"].nunique() > 1
+
+    backfill_flow(source="smd")
+    static = _table(url, anomaly_scores, *SCORE_COLUMNS)
+    assert static["threshold"].nunique() == 1
+    np.testing.assert_allclose(static["score"], scores["score"], rtol=1e-6)

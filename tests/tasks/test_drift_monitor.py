@@ -1,0 +1,119 @@
+"""Drift checks per batch, the latest state per entity, and the adaptive-threshold state."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+
+from model.adaptive import AciState, aci_scores
+from model.drift import TrainingProfile
+from tasks.adaptive_threshold import apply_adaptive
+from tasks.alarm_tables import ensure_alarm_tables
+from tasks.drift_monitor import NO_PROFILE, check_batch, latest_drift, record_drift
+from tasks.scores_store import Watermark
+from tasks.warehouse import get_engine
+
+SENSORS = ["a", "b", "c"]
+RNG = np.random.default_rng(0)
+TRAIN = RNG.normal(size=(2000, 3))
+CALIBRATION = np.sort(RNG.normal(size=999))
+
+
+def _extras(*, profiled: bool = True) -> dict:
+    profiles = {"e1": TrainingProfile.fit(TRAIN).to_dict()} if profiled else {}
+    return {
+        "sensors": SENSORS,
+        "threshold": float(np.quantile(CALIBRATION, 0.99)),
+        "calibration": {"alpha": 0.01},
+        "calibration_scores": CALIBRATION.tolist(),
+        "training_profiles": profiles,
+    }
+
+
+def test_the_flag_is_the_score_test_and_sensors_explain_it() -> None:
+    values = RNG.normal(size=(500, 3))
+    values[:, 1] += 3.0  # sensor b moved
+    quiet = check_batch(_extras(), "e1", values, RNG.normal(size=500))
+    assert not quiet.flag and quiet.statistics["most_shifted"][0][0] == "b"
+    alarming = check_batch(_extras(), "e1", values, RNG.normal(size=500) + 2.5)
+    assert alarming.flag and alarming.alarm_rate > 0.3 and alarming.alpha == 0.01
+    few = check_batch(_extras(), "e1", values[:3], np.array([0.0, 0.0, 9.0]))
+    assert not few.flag  # one alarm in three points is no evidence at alpha 1 %
+    blind = check_batch(_extras(profiled=False), "e1", values, RNG.normal(size=500) + 2.5)
+    assert blind.flag and blind.statistics["note"] == NO_PROFILE
+    assert "most_shifted" not in blind.statistics
+
+
+def _mark(entity: str, last: str, version: str = "1") -> Watermark:
+    return Watermark(entity, "m", datetime.fromisoformat(last), version, "run")
+
+
+def test_latest_drift_is_the_newest_batch_per_entity(warehouse_url: str) -> None:
+    assert latest_drift(warehouse_url) == []
+    engine = get_engine(warehouse_url)
+    ensure_alarm_tables(engine)
+    ensure_alarm_tables(engine)
+    values, scores = RNG.normal(size=(50, 3)), RNG.normal(size=50)
+    calm = check_batch(_extras(), "e1", values, scores)
+    loud = check_batch(_extras(), "e1", values, scores + 5)
+    with engine.begin() as conn:
+        for entity, start, end, check in (
+            ("e1", "2024-01-01", "2024-01-02", loud),
+            ("e1", "2024-01-02", "2024-01-03", calm),
+            ("e2", "2024-01-01", "2024-01-02", loud),
+        ):
+            record_drift(conn, "smd", _mark(entity, end), datetime.fromisoformat(start), 50, check)
+    with engine.begin() as conn:  # the same batch again replaces its row
+        record_drift(
+            conn,
+            "smd",
+            _mark("e2", "2024-01-02", "2"),
+            datetime.fromisoformat("2024-01-01"),
+            50,
+            loud,
+        )
+    states = latest_drift(warehouse_url, "smd")
+    assert [(s.entity, s.flag, s.model_version) for s in states] == [
+        ("e1", False, "1"),
+        ("e2", True, "2"),
+    ]
+    assert states[0].batch_end == datetime(2024, 1, 3) and states[0].drifted_sensors
+
+
+def _rows(start: int, n: int, scores: np.ndarray) -> pd.DataFrame:
+    ts = pd.Timestamp("2024-01-01") + pd.to_timedelta(np.arange(start, start + n), unit="min")
+    return pd.DataFrame(
+        {"ts": ts, "score": scores[start : start + n], "threshold": 0.0, "is_anomaly": False}
+    )
+
+
+def test_adaptive_state_advances_once_per_point(warehouse_url: str) -> None:
+    engine = get_engine(warehouse_url)
+    ensure_alarm_tables(engine)
+    scores = np.concatenate([RNG.normal(size=300), RNG.normal(size=300) + 1.5])
+    flagged = []
+    for start, n in ((0, 250), (200, 250), (450, 150), (100, 50)):  # overlaps: already covered
+        with engine.begin() as conn:
+            part = apply_adaptive(
+                conn,
+                "smd",
+                _mark("e1", "2024-01-02"),
+                _rows(start, n, scores),
+                _extras(),
+                gamma=0.01,
+            )
+        flagged.append(part)
+    written = pd.concat(flagged)
+    assert list(written["ts"]) == list(_rows(0, 600, scores)["ts"])
+    expected = aci_scores(AciState(0.01, 0.01), CALIBRATION, scores)
+    np.testing.assert_array_equal(written["threshold"], expected.thresholds)
+    np.testing.assert_array_equal(written["is_anomaly"], expected.is_anomaly)
+    with engine.begin() as conn:  # a new model version starts afresh
+        fresh = apply_adaptive(
+            conn, "smd", _mark("e1", "2024-01-02", "2"), _rows(0, 10, scores), _extras(), gamma=0.01
+        )
+    np.testing.assert_array_equal(
+        fresh["threshold"], aci_scores(AciState(0.01, 0.01), CALIBRATION, scores[:10]).thresholds
+    )
