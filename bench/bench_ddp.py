@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -309,9 +310,11 @@ def main() -> None:
         return worker(args)
     if args.role == "nan":
         return nan_run(args)
-    work = args.out / "work"
-    work.mkdir(exist_ok=True)
-    results = run_all(args, work, budget_s=float(os.environ.get("BENCH_BUDGET_S", "400")))
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        results = run_all(args, work, budget_s=float(os.environ.get("BENCH_BUDGET_S", "400")))
+        logs = sorted(work.glob("log_*.txt"))
+        (args.out / "logs.txt").write_text("".join(f"==> {p.name}\n{p.read_text()}" for p in logs))
     settings = QUICK if args.quick else FULL
     env = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "torch": torch.__version__}
     report = "\n\n".join([
@@ -326,8 +329,6 @@ def main() -> None:
     print("\n" + report)
     (args.out / "bench_ddp.md").write_text(report + "\n")
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    logs = sorted(work.glob("log_*.txt"))
-    (args.out / "logs.txt").write_text("".join(f"==> {p.name}\n{p.read_text()}" for p in logs))
 
 
 if __name__ == "__main__":
