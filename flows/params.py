@@ -43,10 +43,42 @@ class TrainingParams(BaseModel):
 
 
 class CalibrationParams(BaseModel):
-    """Threshold fit on the validation tail of the training range, never on test data."""
+    """Threshold fit on the validation tail of the training range (``docs/calibration.md``)."""
 
-    method: Literal["conformal", "quantile"] = "conformal"
-    alpha: float = Field(0.005, gt=0, lt=1)
+    method: Literal["conformal", "quantile", "pot", "reference"] = Field(
+        "conformal",
+        description=(
+            "conformal: split-conformal, P(false alarm) <= alpha if scores are exchangeable; "
+            "quantile: empirical 1 - alpha quantile; pot: peaks-over-threshold tail fit, "
+            "risk alpha; "
+            "reference: LEAKS TEST DATA (the paper's percentile over train + test scores), "
+            "only to reproduce published numbers, never to deploy"
+        ),
+    )
+    alpha: float = Field(0.005, gt=0, lt=1, description="target false-alarm rate on normal points")
+    scope: Literal["global", "entity"] = Field(
+        "global", description="one threshold for all entities, or one per entity"
+    )
+
+
+class GateParams(BaseModel):
+    """Promotion gate: the challenger must beat the champion and keep the false-alarm budget."""
+
+    metric: Literal["vus_pr", "auc_pr", "auroc", "f1", "event_recall"] = Field(
+        "vus_pr", description="honest evaluation metric compared (higher is better)"
+    )
+    margin: float = Field(
+        0.0, ge=0, description="the challenger must beat the champion by this much"
+    )
+    false_alarm_budget: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description=(
+            "highest mean false-alarm rate on normal test points; default 2 x calibration alpha"
+        ),
+    )
+    force: bool = Field(False, description="promote whatever the gate decides (logged as forced)")
 
 
 class TrainFlowParams(BaseModel):
@@ -58,7 +90,13 @@ class TrainFlowParams(BaseModel):
     model: ModelParams = ModelParams()
     training: TrainingParams = TrainingParams()
     calibration: CalibrationParams = CalibrationParams()
-    promote: bool = False
+    gate: GateParams = GateParams()
+    promote: bool = Field(False, description="make the new version champion if it passes the gate")
+
+    def gate_settings(self) -> dict[str, object]:
+        """The gate's keyword arguments, with the default budget resolved from the calibration."""
+        budget = self.gate.false_alarm_budget or 2 * self.calibration.alpha
+        return {**self.gate.model_dump(), "false_alarm_budget": budget}
 
 
 DEMO_TRAINING = TrainFlowParams(

@@ -9,15 +9,16 @@ from flows.params import TrainFlowParams
 from tasks.calibrate import calibrate_task
 from tasks.evaluate import evaluate_model_task
 from tasks.fit import train_model_task
+from tasks.gates import gate_and_promote_task
 from tasks.publish import TrainingSummary, publish_task
-from tasks.registry import promote_task
 from tasks.settings import get_settings
 from tasks.windowing import build_dataset_task
 
 
 @flow(name="train", log_prints=True)
 def training_flow(params: TrainFlowParams = TrainFlowParams()) -> TrainingSummary:
-    """Train one model for a source; it becomes the challenger, and champion if ``promote``."""
+    """Train one model for a source; it becomes the challenger, and champion if ``promote`` and
+    it passes the promotion gate (``params.gate``; ``gate.force`` overrides, logged as forced)."""
     settings = get_settings()
     contract = load_contract(params.source)
     run_dir = settings.home / "runs" / params.source
@@ -37,10 +38,25 @@ def training_flow(params: TrainFlowParams = TrainFlowParams()) -> TrainingSummar
         scoring_method=params.scoring_method,
     )
     calibration = calibrate_task(
-        trained.checkpoint, dataset, run_dir / "model.ckpt", **params.calibration.model_dump()
+        trained.checkpoint,
+        dataset,
+        run_dir / "model.ckpt",
+        **params.calibration.model_dump(),
+        warehouse_url=settings.warehouse_url,
+        contract=contract,
     )
-    evaluation = evaluate_model_task(settings.warehouse_url, contract, calibration.checkpoint, run_dir / "plots")
-    summary = publish_task(settings, contract, params.model_dump(mode="json"), dataset, trained, calibration, evaluation)
+    evaluation = evaluate_model_task(
+        settings.warehouse_url, contract, calibration.checkpoint, run_dir / "plots"
+    )
+    summary = publish_task(
+        settings,
+        contract,
+        params.model_dump(mode="json"),
+        dataset,
+        trained,
+        calibration,
+        evaluation,
+    )
     if params.promote:
-        promote_task(settings.model_name, summary.version)
+        gate_and_promote_task(settings.model_name, summary.version, **params.gate_settings())
     return summary

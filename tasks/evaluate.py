@@ -1,4 +1,4 @@
-"""Evaluate a calibrated model on the labelled range: honest metrics, plus point adjustment named as such."""
+"""Evaluate a calibrated model on the labelled range: honest metrics, point adjustment named so."""
 
 from __future__ import annotations
 
@@ -20,15 +20,39 @@ from tasks.warehouse import get_engine, read_readings
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Mean metrics over labelled entities, per-entity metrics, and the plots written."""
+    """Mean metrics over labelled entities, per-entity metrics, the random-score control's mean
+    metrics (same labels, uniform scores, threshold at their 1 - alpha quantile), and the plots."""
 
     metrics: dict[str, float]
     per_entity: dict[str, dict[str, float]]
+    random_control: dict[str, float]
     figures: tuple[Path, ...]
 
 
-def labelled_scores(frame: pd.DataFrame, checkpoint: Checkpoint, entity: str) -> pd.DataFrame | None:
-    """Scores, labels and timestamps of an entity's labelled rows (context read from before them)."""
+def entity_threshold(extras: dict, entity: str) -> float:
+    """The entity's own threshold when calibrated per entity, else the global one."""
+    return float(extras.get("thresholds", {}).get(entity, extras["threshold"]))
+
+
+def random_control(labels: np.ndarray, alpha: float) -> dict[str, float]:
+    """Metrics of uniform random scores on ``labels``: what chance scores under each metric."""
+    scores = np.random.default_rng(0).random(labels.size)
+    return evaluate_scores(labels, scores, 1.0 - alpha)
+
+
+def _mean(per_entity: dict[str, dict[str, float]]) -> dict[str, float]:
+    if not per_entity:
+        return {}
+    return {
+        key: float(np.mean([m[key] for m in per_entity.values()]))
+        for key in next(iter(per_entity.values()))
+    }
+
+
+def labelled_scores(
+    frame: pd.DataFrame, checkpoint: Checkpoint, entity: str
+) -> pd.DataFrame | None:
+    """Scores, labels and timestamps of an entity's labelled rows (context read from before)."""
     labelled = frame["label"].notna().to_numpy()
     if not labelled.any():
         return None
@@ -44,26 +68,27 @@ def labelled_scores(frame: pd.DataFrame, checkpoint: Checkpoint, entity: str) ->
 def evaluate_model(
     warehouse_url: str, contract: Contract, checkpoint_path: Path, out_dir: Path
 ) -> Evaluation:
-    """Score each entity's labelled rows; metrics per entity and their unweighted mean."""
+    """Score each entity's labelled rows; metrics per entity, their unweighted mean, the control."""
     checkpoint = load_checkpoint(checkpoint_path)
-    threshold = float(checkpoint.extras["threshold"])
+    alpha = float(checkpoint.extras["calibration"]["alpha"])
     engine = get_engine(warehouse_url)
     per_entity: dict[str, dict[str, float]] = {}
+    control: dict[str, dict[str, float]] = {}
     figures = []
     for entity in sorted(checkpoint.extras["scalers"]):
         scored = labelled_scores(read_readings(engine, contract, entity=entity), checkpoint, entity)
         if scored is None or scored["label"].nunique() < 2:
             continue
         labels = scored["label"].to_numpy(np.int64)
+        threshold = entity_threshold(checkpoint.extras, entity)
         per_entity[entity] = evaluate_scores(labels, scored["score"].to_numpy(), threshold)
-        figures.append(plot_scores(scored, threshold, entity, out_dir / f"scores-{len(figures):03d}.png"))
-    metrics = (
-        {key: float(np.mean([m[key] for m in per_entity.values()])) for key in next(iter(per_entity.values()))}
-        if per_entity
-        else {}
-    )
+        control[entity] = random_control(labels, alpha)
+        figures.append(
+            plot_scores(scored, threshold, entity, out_dir / f"scores-{len(figures):03d}.png")
+        )
+    metrics = _mean(per_entity)
     metrics["entities_evaluated"] = float(len(per_entity))
-    return Evaluation(metrics, per_entity, tuple(figures))
+    return Evaluation(metrics, per_entity, _mean(control), tuple(figures))
 
 
 evaluate_model_task = task(name="evaluate-model", cache_policy=NO_CACHE)(evaluate_model)

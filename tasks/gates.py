@@ -1,0 +1,165 @@
+"""Promotion gate: a challenger becomes champion only if it beats the champion and keeps its budget.
+
+The comparison uses the evaluation metrics each version's MLflow run logged (``test_<metric>``,
+honest metrics only) and the mean false-alarm rate on normal test points at the calibrated
+threshold (``test_fpr_normal``). A model calibrated with the leaky ``reference`` method is never
+promoted by the gate. The decision and its numbers are logged on the challenger's run; a person
+can still override it by moving the ``champion`` alias (``atp promote`` or the MLflow UI).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+from mlflow.tracking import MlflowClient
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.registry import CHAMPION, IO_RETRIES, get_alias_version, promote
+from tasks.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+FALSE_ALARM_METRIC = "fpr_normal"
+LEAK_TAG = "leaks_test_data"
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Whether the challenger was promoted, why, and the numbers behind it."""
+
+    promoted: bool
+    forced: bool
+    reason: str
+    metric: str
+    challenger_value: float
+    champion_value: float | None
+    champion_version: int | None
+    margin: float
+    false_alarm_rate: float
+    false_alarm_budget: float
+
+
+def _test_metric(metrics: dict[str, float], name: str, who: str) -> float:
+    value = metrics.get(f"test_{name}")
+    if value is None or math.isnan(value):
+        raise ValueError(f"{who} run has no metric test_{name}; metrics: {sorted(metrics)[:8]}")
+    return float(value)
+
+
+def decide(
+    challenger: dict[str, float],
+    champion: dict[str, float] | None,
+    *,
+    metric: str,
+    margin: float,
+    false_alarm_budget: float,
+    leaks_test_data: bool,
+    champion_version: int | None = None,
+) -> GateDecision:
+    """The gate's rule on two runs' logged metrics (``champion`` None: no champion yet)."""
+    value = _test_metric(challenger, metric, "challenger")
+    rate = _test_metric(challenger, FALSE_ALARM_METRIC, "challenger")
+    best = None if champion is None else _test_metric(champion, metric, "champion")
+    if leaks_test_data:
+        passed, reason = False, "calibrated with the leaky 'reference' method (it reads test data)"
+    elif rate > false_alarm_budget:
+        passed, reason = (
+            False,
+            f"false-alarm rate {rate:.4g} is over the budget {false_alarm_budget:.4g}",
+        )
+    elif best is not None and value < best + margin:
+        passed, reason = (
+            False,
+            f"{metric} {value:.4g} does not beat champion's {best:.4g} + margin {margin:.4g}",
+        )
+    else:
+        versus = (
+            "no champion yet"
+            if best is None
+            else f"beats champion's {best:.4g} + margin {margin:.4g}"
+        )
+        passed, reason = (
+            True,
+            f"{metric} {value:.4g} {versus}; false-alarm rate {rate:.4g} within budget",
+        )
+    return GateDecision(
+        passed,
+        False,
+        reason,
+        metric,
+        value,
+        best,
+        champion_version,
+        margin,
+        rate,
+        false_alarm_budget,
+    )
+
+
+def _log_decision(client: MlflowClient, run_id: str, decision: GateDecision) -> None:
+    outcome = "promoted" if decision.promoted else "rejected"
+    client.set_tag(run_id, "gate.decision", "forced" if decision.forced else outcome)
+    client.set_tag(run_id, "gate.reason", decision.reason)
+    client.set_tag(run_id, "gate.metric", decision.metric)
+    client.set_tag(run_id, "gate.champion_version", str(decision.champion_version))
+    numbers = {
+        "gate_challenger_value": decision.challenger_value,
+        "gate_margin": decision.margin,
+        "gate_false_alarm_rate": decision.false_alarm_rate,
+        "gate_false_alarm_budget": decision.false_alarm_budget,
+    }
+    if decision.champion_value is not None:
+        numbers["gate_champion_value"] = decision.champion_value
+    for key, number in numbers.items():
+        client.log_metric(run_id, key, number)
+
+
+def gate_and_promote(
+    model_name: str,
+    version: int,
+    *,
+    metric: str = "vus_pr",
+    margin: float = 0.0,
+    false_alarm_budget: float = 0.01,
+    force: bool = False,
+) -> GateDecision:
+    """Decide on ``version`` against the current champion, log it on ``version``'s run, and move
+    ``champion`` to ``version`` if it passed (or ``force``)."""
+    client = MlflowClient(get_settings().mlflow_tracking_uri)
+    run_id = client.get_model_version(model_name, str(version)).run_id
+    run = client.get_run(run_id)
+    champion_version = get_alias_version(model_name, CHAMPION)
+    champion = None
+    if champion_version is not None and champion_version != version:
+        champion_run = client.get_model_version(model_name, str(champion_version)).run_id
+        champion = client.get_run(champion_run).data.metrics
+    decision = decide(
+        run.data.metrics,
+        champion,
+        metric=metric,
+        margin=margin,
+        false_alarm_budget=false_alarm_budget,
+        leaks_test_data=run.data.tags.get(LEAK_TAG) == "true",
+        champion_version=champion_version,
+    )
+    if force and not decision.promoted:
+        decision = GateDecision(**{**asdict(decision), "promoted": True, "forced": True})
+    _log_decision(client, run_id, decision)
+    log.info(
+        "%s v%s gate: %s (%s)",
+        model_name,
+        version,
+        "promote" if decision.promoted else "keep",
+        decision.reason,
+    )
+    if decision.promoted:
+        promote(model_name, version)
+    return decision
+
+
+gate_and_promote_task = task(name="promotion-gate", cache_policy=NO_CACHE, **IO_RETRIES)(
+    gate_and_promote
+)

@@ -1,0 +1,72 @@
+"""Training flow features: per-entity calibration, profiles, evaluation extras, the gate, leaks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.ingest import ingest_flow
+from flows.params import CalibrationParams, GateParams, TrainFlowParams
+from flows.training import training_flow
+from model.drift import TrainingProfile
+from tasks.registry import CHAMPION, get_alias_version, load_model_version
+from tasks.settings import get_settings
+
+
+@pytest.fixture
+def sqlite_env(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Fresh ATP_HOME, SQLite warehouse and MLflow store (the flows' warehouse code is tested on
+    both backends by test_pipeline.py)."""
+    monkeypatch.setenv("ATP_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ATP_WAREHOUSE_URL", sqlite_url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("ATP_MODEL_NAME", "features-model")
+    return sqlite_url
+
+
+def _run(version: int) -> tuple[dict[str, float], dict[str, str], dict[str, str]]:
+    client = MlflowClient(get_settings().mlflow_tracking_uri)
+    run = client.get_run(client.get_model_version("features-model", str(version)).run_id)
+    return run.data.metrics, run.data.tags, run.data.params
+
+
+def test_per_entity_calibration_gate_and_leaky_reference(
+    sqlite_env: str, smd_folder: Path, tiny_training: TrainFlowParams, tmp_path: Path
+) -> None:
+    ingest_flow(str(smd_folder), kind="smd")
+    per_entity = tiny_training.model_copy(
+        update={
+            "calibration": CalibrationParams(alpha=0.02, scope="entity"),
+            "gate": GateParams(false_alarm_budget=0.5),
+        }
+    )
+    first = training_flow(per_entity)
+    assert get_alias_version("features-model", CHAMPION) == first.version
+    extras = load_model_version("features-model", CHAMPION).extras
+    entities = {"machine-9-1", "machine-9-2"}
+    assert set(extras["thresholds"]) == set(extras["entity_calibration_scores"]) == entities
+    assert isinstance(extras["threshold"], float) and extras["calibration"]["scope"] == "entity"
+    profile = TrainingProfile.from_dict(extras["training_profiles"]["machine-9-1"])
+    assert (
+        profile.n_sensors == 38 and 0.0 <= min(profile.sketch[0]) <= max(profile.sketch[0]) <= 1.0
+    )
+
+    metrics, tags, _ = _run(first.version)
+    assert {f"test_fpr_normal.{e}" for e in entities} <= set(metrics)
+    assert 0.0 <= metrics["control_random_auc_pr"] <= 1.0 and "control_random_pa_f1" in metrics
+    assert tags["gate.decision"] == "promoted" and tags["leaks_test_data"] == "false"
+    plots = sorted((tmp_path / "home" / "runs" / "smd" / "plots").glob("*.png"))
+    assert len(plots) == 2 and matplotlib.image.imread(plots[0]).shape[2] in (3, 4)
+
+    leaky = tiny_training.model_copy(
+        update={"calibration": CalibrationParams(method="reference", alpha=0.02)}
+    )
+    second = training_flow(leaky)
+    metrics, tags, params = _run(second.version)
+    assert tags["leaks_test_data"] == "true" and "LEAKS TEST DATA" in tags["calibration_warning"]
+    assert params["calibration_method"] == "reference (LEAKS TEST DATA)"
+    assert tags["gate.decision"] == "rejected" and "leaky" in tags["gate.reason"]
+    assert get_alias_version("features-model", CHAMPION) == first.version

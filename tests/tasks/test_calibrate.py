@@ -1,0 +1,148 @@
+"""Calibration methods and scopes, on a real SQLite warehouse and a tiny untrained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from data_contracts import Contract, load_contract
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import ModelConfig
+from model.network import AnomalyTransformer
+from model.thresholds import conformal_threshold, leaky_reference_threshold, pot_threshold
+from tasks.calibrate import calibrate, fit_thresholds, labelled_range_scores, training_range_scores
+from tasks.errors import DataContractError
+from tasks.evaluate import entity_threshold
+from tasks.warehouse import ensure_schema, get_engine, upsert_readings
+from tasks.windowing import DatasetRef, build_dataset
+
+WIN = 10
+TRAIN_ROWS, TEST_ROWS = 400, 100
+
+
+def _readings(contract: Contract) -> pd.DataFrame:
+    """Two entities; entity b is noisier, so per-entity thresholds must differ."""
+    rng = np.random.default_rng(1)
+    frames = []
+    for entity, noise in (("a", 0.01), ("b", 0.1)):
+        rows = TRAIN_ROWS + TEST_ROWS
+        values = np.clip(0.5 + rng.normal(0, noise, (rows, len(contract.sensor_names))), 0, 1)
+        frame = pd.DataFrame(values, columns=contract.sensor_names)
+        frame.insert(0, "ts", pd.date_range("2020-01-01", periods=rows, freq="min"))
+        frame.insert(0, "entity", entity)
+        frame["label"] = [None] * TRAIN_ROWS + [0] * (TEST_ROWS - 10) + [1] * 10
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Contract, DatasetRef, Path]:
+    """A warehouse, its windowed dataset and an untrained tiny model, shared by this module."""
+    tmp_path = tmp_path_factory.mktemp("calibrate")
+    sqlite_url = f"sqlite:///{tmp_path / 'warehouse.db'}"
+    contract = load_contract("smd")
+    engine = get_engine(sqlite_url)
+    ensure_schema(engine, contract)
+    upsert_readings(engine, contract, _readings(contract))
+    dataset = build_dataset(sqlite_url, contract, tmp_path / "ds", win_size=WIN, val_fraction=0.5)
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        n_channels=len(contract.sensor_names),
+        win_size=WIN,
+        d_model=8,
+        n_heads=1,
+        e_layers=1,
+        d_ff=8,
+    )
+    extras = {
+        "source": "smd",
+        "sensors": contract.sensor_names,
+        "scalers": {name: s.to_dict() for name, s in dataset.scalers().items()},
+        "scoring_method": "recon_last",
+    }
+    path = tmp_path / "trained.ckpt"
+    save_checkpoint(path, AnomalyTransformer(cfg), cfg, extras)
+    return sqlite_url, contract, dataset, path
+
+
+def test_conformal_per_entity_keeps_global_keys_and_adds_entity_keys(setup, tmp_path: Path) -> None:
+    _, _, dataset, trained = setup
+    result = calibrate(
+        trained, dataset, tmp_path / "m.ckpt", method="conformal", alpha=0.02, scope="entity"
+    )
+    extras = load_checkpoint(result.checkpoint).extras
+    pooled = np.asarray(extras["calibration_scores"])
+    assert pooled.size == result.n_scores == 2 * (TRAIN_ROWS // 2)
+    assert extras["threshold"] == pytest.approx(conformal_threshold(pooled, 0.02))
+    for entity in ("a", "b"):
+        own = extras["entity_calibration_scores"][entity]
+        assert extras["thresholds"][entity] == pytest.approx(conformal_threshold(own, 0.02))
+        assert entity_threshold(extras, entity) == extras["thresholds"][entity]
+    assert extras["thresholds"]["a"] < extras["thresholds"]["b"]
+    assert extras["calibration"] == {
+        "method": "conformal",
+        "alpha": 0.02,
+        "scope": "entity",
+        "n_scores": pooled.size,
+        "leaks_test_data": False,
+    }
+
+
+def test_global_scope_writes_no_entity_keys(setup, tmp_path: Path) -> None:
+    _, _, dataset, trained = setup
+    result = calibrate(trained, dataset, tmp_path / "m.ckpt", method="quantile", alpha=0.05)
+    extras = load_checkpoint(result.checkpoint).extras
+    assert "thresholds" not in extras and "entity_calibration_scores" not in extras
+    assert entity_threshold(extras, "a") == result.threshold == extras["threshold"]
+    assert result.label == "quantile" and not result.leaks_test_data
+
+
+def test_reference_reads_train_and_test_scores_and_is_labelled_leaky(setup, tmp_path: Path) -> None:
+    url, contract, dataset, trained = setup
+    with pytest.raises(ValueError, match="needs warehouse_url"):
+        calibrate(trained, dataset, tmp_path / "m.ckpt", method="reference")
+    result = calibrate(
+        trained,
+        dataset,
+        tmp_path / "m.ckpt",
+        method="reference",
+        alpha=0.01,
+        warehouse_url=url,
+        contract=contract,
+    )
+    checkpoint = load_checkpoint(trained)
+    train = training_range_scores(checkpoint, dataset)
+    test = labelled_range_scores(checkpoint, url, contract, dataset.entities)
+    assert {e: s.size for e, s in test.items()} == {"a": TEST_ROWS, "b": TEST_ROWS}
+    expected = leaky_reference_threshold(
+        np.concatenate([*train.values()]), np.concatenate([*test.values()]), 1.0
+    )
+    assert result.threshold == pytest.approx(expected)
+    assert result.leaks_test_data and result.label == "reference (LEAKS TEST DATA)"
+    assert load_checkpoint(result.checkpoint).extras["calibration"]["leaks_test_data"] is True
+
+
+def test_fit_thresholds_pot_per_entity() -> None:
+    rng = np.random.default_rng(0)
+    held_out = {"a": rng.exponential(1.0, 4000), "b": rng.exponential(3.0, 4000)}
+    threshold, per_entity = fit_thresholds("pot", 0.001, held_out, {}, "entity", "src")
+    assert threshold == pytest.approx(
+        pot_threshold(np.concatenate([held_out["a"], held_out["b"]]), 0.001)
+    )
+    assert per_entity["a"] == pytest.approx(pot_threshold(held_out["a"], 0.001))
+    assert 3 * 0.8 < per_entity["b"] / per_entity["a"] < 3 * 1.25
+
+
+@pytest.mark.parametrize(
+    ("method", "rule"), [("conformal", "cannot support"), ("pot", "pot calibration")]
+)
+def test_too_few_scores_name_the_entity(method: str, rule: str) -> None:
+    held_out = {"a": np.linspace(0, 1, 5000), "tiny": np.linspace(0, 1, 20)}
+    with pytest.raises(
+        DataContractError, match=f"src entity 'tiny'.*{rule}|{rule}.*src entity 'tiny'"
+    ):
+        fit_thresholds(method, 0.005, held_out, {}, "entity", "src")

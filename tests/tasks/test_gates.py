@@ -1,0 +1,136 @@
+"""The promotion gate: its rule, and its decisions on a real temporary MLflow store."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tasks.gates import decide, gate_and_promote
+from tasks.registry import CHAMPION, get_alias_version, set_alias
+
+NAME = "gated-model"
+
+
+def _metrics(vus_pr: float, fpr: float) -> dict[str, float]:
+    return {"test_vus_pr": vus_pr, "test_fpr_normal": fpr, "test_auc_pr": vus_pr / 2}
+
+
+@pytest.mark.parametrize(
+    ("challenger", "champion", "leaks", "promoted", "reason"),
+    [
+        (_metrics(0.50, 0.004), None, False, True, "no champion yet"),
+        (_metrics(0.50, 0.004), _metrics(0.45, 0.001), False, True, "beats champion's 0.45"),
+        (
+            _metrics(0.50, 0.004),
+            _metrics(0.48, 0.001),
+            False,
+            False,
+            "does not beat champion's 0.48",
+        ),
+        (_metrics(0.90, 0.020), _metrics(0.45, 0.001), False, False, "over the budget 0.01"),
+        (_metrics(0.90, 0.004), None, True, False, "leaky 'reference'"),
+    ],
+)
+def test_rule(
+    challenger: dict, champion: dict | None, leaks: bool, promoted: bool, reason: str
+) -> None:
+    decision = decide(
+        challenger,
+        champion,
+        metric="vus_pr",
+        margin=0.03,
+        false_alarm_budget=0.01,
+        leaks_test_data=leaks,
+    )
+    assert decision.promoted is promoted and not decision.forced
+    assert reason in decision.reason
+    assert decision.challenger_value == challenger["test_vus_pr"]
+
+
+def test_missing_metric_is_named() -> None:
+    with pytest.raises(ValueError, match="test_f1"):
+        decide(
+            _metrics(0.5, 0.0),
+            None,
+            metric="f1",
+            margin=0,
+            false_alarm_budget=0.01,
+            leaks_test_data=False,
+        )
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, migrated sqlite store, copied for every test (migrating takes seconds)."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def client(tmp_path: Path, template_db: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
+    """A fresh store holding one registered model with no versions yet."""
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    client.create_registered_model(NAME)
+    return client
+
+
+def _register(client: MlflowClient, metrics: dict[str, float], leaks: bool = False) -> int:
+    experiment = client.get_experiment_by_name("gate") or client.get_experiment(
+        client.create_experiment("gate")
+    )
+    run = client.create_run(experiment.experiment_id, tags={"leaks_test_data": str(leaks).lower()})
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, key, value)
+    version = client.create_model_version(NAME, f"runs:/{run.info.run_id}/model", run.info.run_id)
+    return int(version.version)
+
+
+def _gate_tags(client: MlflowClient, version: int) -> dict[str, str]:
+    run = client.get_run(client.get_model_version(NAME, str(version)).run_id)
+    return {k: v for k, v in run.data.tags.items() if k.startswith("gate.")} | {
+        k: v for k, v in run.data.metrics.items() if k.startswith("gate_")
+    }
+
+
+def test_two_versions_better_challenger_is_promoted(client: MlflowClient) -> None:
+    first = _register(client, _metrics(0.40, 0.003))
+    assert gate_and_promote(NAME, first, margin=0.02).promoted
+    second = _register(client, _metrics(0.45, 0.004))
+    decision = gate_and_promote(NAME, second, margin=0.02)
+    assert decision.promoted and decision.champion_version == first
+    assert get_alias_version(NAME, CHAMPION) == second
+    logged = _gate_tags(client, second)
+    assert logged["gate.decision"] == "promoted" and logged["gate.champion_version"] == str(first)
+    assert logged["gate_champion_value"] == 0.40 and logged["gate_challenger_value"] == 0.45
+
+
+def test_two_versions_weaker_challenger_stays_challenger_unless_forced(
+    client: MlflowClient,
+) -> None:
+    first = _register(client, _metrics(0.40, 0.003))
+    set_alias(NAME, CHAMPION, first)
+    second = _register(client, _metrics(0.41, 0.003))
+    decision = gate_and_promote(NAME, second, margin=0.02)
+    assert not decision.promoted and get_alias_version(NAME, CHAMPION) == first
+    assert _gate_tags(client, second)["gate.decision"] == "rejected"
+
+    forced = gate_and_promote(NAME, second, margin=0.02, force=True)
+    assert forced.promoted and forced.forced and get_alias_version(NAME, CHAMPION) == second
+    assert _gate_tags(client, second)["gate.decision"] == "forced"
+
+
+def test_leaky_or_over_budget_challenger_is_refused(client: MlflowClient) -> None:
+    first = _register(client, _metrics(0.40, 0.003))
+    set_alias(NAME, CHAMPION, first)
+    leaky = _register(client, _metrics(0.90, 0.003), leaks=True)
+    noisy = _register(client, _metrics(0.90, 0.05))
+    assert "leaky" in gate_and_promote(NAME, leaky).reason
+    assert "budget" in gate_and_promote(NAME, noisy, false_alarm_budget=0.01).reason
+    assert get_alias_version(NAME, CHAMPION) == first
