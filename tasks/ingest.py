@@ -212,8 +212,8 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 def to_wide(frame: pd.DataFrame, contract: Contract, *, source: str) -> pd.DataFrame:
     """A source table with one column per sensor, named as in the warehouse.
 
-    A ``layout: long`` table (entity, ts, sensor, value[, label]) is pivoted first; the
-    row order is that of each (entity, ts) first appearance. Sensors are renamed from their
+    A ``layout: long`` table (entity, ts, sensor, value[, label]) is pivoted first, one row per
+    (entity, ts), sorted by entity then time (rows of a long file may come in any order). Sensors are renamed from their
     ``source`` names. Entity, ts and label keep their source names (``coerce_readings`` maps them).
     """
     if contract.layout == "long":
@@ -253,9 +253,17 @@ def _pivot_long(frame: pd.DataFrame, contract: Contract, source: str) -> pd.Data
     return _spread(data, contract, keys, source)
 
 
+def _time_order(keys: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """(entity, ts) pairs sorted by entity, then parsed time; unparseable times keep their place
+    at the end of their entity, for validation to report."""
+    parsed = pd.to_datetime(keys[columns[1]], format="ISO8601", utc=True, errors="coerce")
+    order = keys.assign(_entity=keys[columns[0]].astype("str"), _at=parsed)
+    return order.sort_values(["_entity", "_at"], kind="stable")[columns]
+
+
 def _spread(data: pd.DataFrame, contract: Contract, keys: list[str], source: str) -> pd.DataFrame:
     """One row per (entity, ts) in first-appearance order, one column per sensor, and the label."""
-    order = data[keys].drop_duplicates()
+    order = _time_order(data[keys].drop_duplicates(), keys)
     wide = data.set_index([*keys, contract.sensor_column])[contract.value_column].unstack()
     wide = wide.reindex(pd.MultiIndex.from_frame(order)).reset_index()
     wide.columns.name = None

@@ -1,0 +1,327 @@
+"""Draft a data contract from a user's CSV or Parquet file, and explain every rule it proposes.
+
+The draft is a starting point for review: ranges are the observed ones widened by
+``RANGE_MARGIN`` of their span on each side, a sensor is nullable when any value is missing,
+``cadence_seconds`` is the median timestamp step, ``min_rows_per_entity`` the smallest entity.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from data_contracts.contract import Contract, SensorRule, contract_from_dict
+from tasks.errors import IngestError
+from tasks.ingest import read_table, to_wide
+
+RANGE_MARGIN = 0.5  # bounds = observed [min, max] widened by half the observed span on each side
+TIMESTAMP_NAMES = ("ts", "timestamp", "time", "datetime", "date", "timestamp_(min)")
+ENTITY_NAMES = ("entity", "machine", "device", "asset", "unit", "host", "id", "series", "channel")
+LABEL_NAMES = ("label", "anomaly", "is_anomaly", "attack", "target")
+SENSOR_NAMES = ("sensor", "metric", "signal", "variable", "tag", "name", "measurement")
+VALUE_NAMES = ("value", "reading", "val", "measurement_value")
+
+
+def sensor_identifier(name: str) -> str:
+    """A warehouse column name for a source name: lower case, runs of other characters as '_'."""
+    cleaned = re.sub(r"[^a-z0-9]+", "_", str(name).strip().lower()).strip("_") or "sensor"
+    return (f"s_{cleaned}" if cleaned[0].isdigit() else cleaned)[:63]
+
+
+def _reading_contract(entity_column: str | None, timestamp_column: str | None) -> Contract:
+    """A contract that only tells ``read_table`` which columns to keep as text."""
+    return Contract(
+        "draft",
+        1,
+        (SensorRule("x"),),
+        entity_column=entity_column or "entity",
+        timestamp_column=timestamp_column or "ts",
+    )
+
+
+def _is_text(series: pd.Series) -> bool:
+    return not (
+        pd.api.types.is_numeric_dtype(series)
+        or pd.api.types.is_bool_dtype(series)
+        or pd.api.types.is_datetime64_any_dtype(series)
+    )
+
+
+def _parses_as_time(series: pd.Series) -> bool:
+    if pd.api.types.is_datetime64_any_dtype(series):
+        return True
+    if not _is_text(series):
+        return False
+    sample = series.dropna().astype(str).head(200)
+    parsed = pd.to_datetime(sample, format="ISO8601", errors="coerce", utc=True)
+    return len(sample) > 0 and parsed.notna().mean() >= 0.95
+
+
+def _pick(frame: pd.DataFrame, names: tuple[str, ...], fits: Any, taken: set[str]) -> str | None:
+    """The first column not taken that ``fits``: preferred names first, sensor-like names last."""
+
+    def rank(column: Any) -> int:
+        name = str(column).strip().lower()
+        return 0 if name in names else 2 if name in SENSOR_NAMES else 1
+
+    columns = sorted((c for c in frame.columns if c not in taken), key=rank)
+    return next((c for c in columns if fits(frame[c])), None)
+
+
+def _is_label(series: pd.Series) -> bool:
+    values = set(pd.to_numeric(series.dropna(), errors="coerce").unique().tolist())
+    return bool(values) and values <= {0, 1} and str(series.name).strip().lower() in LABEL_NAMES
+
+
+def _detect_columns(
+    frame: pd.DataFrame, given: dict[str, str | None], why: list[str]
+) -> dict[str, str | None]:
+    """Timestamp, label, entity and (long layout) sensor/value columns, given or detected."""
+    found = dict(given)
+    detectors = [
+        (
+            "timestamp_column",
+            TIMESTAMP_NAMES,
+            _parses_as_time,
+            "its values parse as ISO 8601 times",
+        ),
+        ("label_column", LABEL_NAMES, _is_label, "it is named like a label and holds only 0/1"),
+        ("entity_column", ENTITY_NAMES, _is_text, "it holds text"),
+    ]
+    for key, names, fits, reason in detectors:
+        taken = {v for v in found.values() if v is not None}
+        if found.get(key) is not None:
+            why.append(f"{key}: {found[key]!r} (given)")
+            continue
+        found[key] = _pick(frame, names, fits, taken)
+        if found[key] is not None:
+            why.append(f"{key}: {found[key]!r} because {reason}")
+    if found["timestamp_column"] is None or found["entity_column"] is None:
+        raise IngestError(
+            f"no {'timestamp' if found['timestamp_column'] is None else 'entity'} "
+            f"column found among {list(frame.columns)}; name it explicitly"
+        )
+    taken = {v for v in found.values() if v is not None}
+    rest = [c for c in frame.columns if c not in taken]
+    text = [c for c in rest if _is_text(frame[c])]
+    numbers = [c for c in rest if not _is_text(frame[c])]
+    keys = [found["entity_column"], found["timestamp_column"]]
+    if found.get("sensor_column") or (
+        len(text) == 1
+        and len(numbers) == 1
+        and frame.duplicated(keys).any()
+        and not frame.duplicated([*keys, text[0]]).any()
+    ):
+        found["sensor_column"] = found.get("sensor_column") or text[0]
+        found["value_column"] = found.get("value_column") or numbers[0]
+        why.append(
+            f"layout: long, because (entity, ts) repeat once per sensor: sensor names in "
+            f"{found['sensor_column']!r}, values in {found['value_column']!r}"
+        )
+    return found
+
+
+def _bounds(values: pd.Series) -> tuple[float, float]:
+    """Observed range widened by ``RANGE_MARGIN`` of its span (of its magnitude, or 1, if flat)."""
+    low, high = float(values.min()), float(values.max())
+    span = high - low or max(abs(high), 1.0)
+    widened = (
+        float(f"{low - RANGE_MARGIN * span:.4g}"),
+        float(f"{high + RANGE_MARGIN * span:.4g}"),
+    )
+    return min(widened[0], low), max(widened[1], high)
+
+
+def _sensor_entries(
+    wide: pd.DataFrame, sources: dict[str, str], why: list[str]
+) -> list[dict[str, Any]]:
+    """One contract entry per numeric sensor column of ``wide`` (warehouse name -> source name)."""
+    entries = []
+    for name, source in sources.items():
+        values = pd.to_numeric(wide[name], errors="coerce")
+        missing = float(values.isna().mean())
+        if missing == 1.0:
+            why.append(f"sensor {source!r}: left out, every value is missing")
+            continue
+        low, high = _bounds(values.dropna())
+        entry: dict[str, Any] = {"name": name, "min": low, "max": high, "nullable": missing > 0}
+        if source != name:
+            entry["source"] = source
+        entries.append(entry)
+        rate = "no missing values" if not missing else (
+            f"{missing:.2%} missing, so nullable (training and scoring need complete rows: "
+            "fill the gaps upstream or drop the sensor)")
+        why.append(
+            f"sensor {name}{f' (from {source!r})' if source != name else ''}: observed "
+            f"[{values.min():.6g}, {values.max():.6g}], allowed [{low:.6g}, {high:.6g}]; {rate}"
+        )
+    if not entries:
+        raise IngestError(f"no numeric sensor column with values among {list(sources.values())}")
+    return entries
+
+
+def _timing(wide: pd.DataFrame, columns: dict[str, str | None], why: list[str]) -> dict[str, Any]:
+    """Time-zone policy, cadence (median step) and rows per entity from the parsed timestamps."""
+    entity, stamp = columns["entity_column"], columns["timestamp_column"]
+    try:
+        parsed = pd.to_datetime(wide[stamp], format="ISO8601")
+    except (ValueError, TypeError) as error:
+        raise IngestError(
+            f"column {stamp!r}: timestamps of mixed time zones or formats "
+            f"({error}); fix them before drafting a contract"
+        ) from error
+    aware = isinstance(parsed.dtype, pd.DatetimeTZDtype)
+    why.append(
+        "timestamp_timezone: "
+        + (
+            "aware, the timestamps carry offsets"
+            if aware
+            else "naive_utc, the timestamps carry no offset"
+        )
+    )
+    ordered = pd.DataFrame({"entity": wide[entity], "ts": parsed}).sort_values(["entity", "ts"])
+    steps = ordered.groupby("entity")["ts"].diff().dropna().dt.total_seconds()
+    cadence = int(round(steps.median())) if len(steps) and steps.median() >= 1 else None
+    why.append(
+        f"cadence_seconds: {cadence}, the median step between rows of an entity (informational)"
+    )
+    sizes = wide.groupby(entity).size()
+    min_rows = int(min(100, sizes.min()))
+    why.append(
+        f"min_rows_per_entity: {min_rows}: the smallest of {len(sizes)} entities has "
+        f"{sizes.min()} rows (capped at 100: every later load must bring this many per entity)"
+    )
+    return {
+        "timestamp_timezone": "aware" if aware else "naive_utc",
+        "cadence_seconds": cadence,
+        "min_rows_per_entity": min_rows,
+    }
+
+
+def infer_contract(
+    path: Path,
+    *,
+    name: str,
+    entity_column: str | None = None,
+    timestamp_column: str | None = None,
+    label_column: str | None = None,
+    sensor_column: str | None = None,
+    value_column: str | None = None,
+) -> tuple[Contract, list[str]]:
+    """Draft a contract for the CSV/Parquet file at ``path`` and the reasons for each rule.
+
+    Columns not given are detected: the timestamp (ISO 8601 text), a 0/1 label named like one,
+    the entity (text), and, when (entity, ts) repeat once per sensor, the long layout's sensor
+    and value columns. Every other numeric column is a sensor; other text columns are ignored.
+    """
+    path = Path(path)
+    frame = read_table(path, _reading_contract(entity_column, timestamp_column))
+    why = [f"drafted from {path.name}: {len(frame)} rows, columns {list(frame.columns)}"]
+    given = {
+        "entity_column": entity_column,
+        "timestamp_column": timestamp_column,
+        "label_column": label_column,
+        "sensor_column": sensor_column,
+        "value_column": value_column,
+    }
+    columns = _detect_columns(frame, given, why)
+    long = columns.get("sensor_column") is not None
+    taken = {v for v in columns.values() if v is not None}
+    if long:
+        sources = sorted({str(s) for s in frame[columns["sensor_column"]].dropna()})
+    else:
+        sources = [
+            str(c)
+            for c in frame.columns
+            if c not in taken
+            and not _is_text(frame[c])
+            and not pd.api.types.is_bool_dtype(frame[c])
+        ]
+    names = {sensor_identifier(s): s for s in sources}
+    if len(names) < len(sources):
+        raise IngestError(f"{path}: sensor names {sources} collide once made identifiers")
+    layout = (
+        {"layout": "long", **{k: columns[k] for k in ("sensor_column", "value_column")}}
+        if long
+        else {}
+    )
+    draft = {
+        "name": name,
+        "version": 1,
+        "sensors": {"columns": [{"name": n, "source": s} for n, s in names.items()]},
+        **layout,
+        **{k: columns[k] for k in ("entity_column", "timestamp_column", "label_column")},
+    }
+    wide = to_wide(frame, contract_from_dict(draft), source=str(path))
+    ignored = (
+        [c for c in frame.columns if c not in taken and str(c) not in sources] if not long else []
+    )
+    if ignored:
+        why.append(f"extra_columns: ignore, the columns {ignored} are not numeric")
+    raw = {
+        "name": name,
+        "version": 1,
+        "description": f"Drafted from {path.name}; review before use.",
+        **{k: columns[k] for k in ("entity_column", "timestamp_column", "label_column")},
+        **_timing(wide, columns, why),
+        "extra_columns": "ignore" if ignored else "forbid",
+        **layout,
+        "sensors": {"columns": _sensor_entries(wide, names, why)},
+    }
+    if columns["label_column"] is not None:
+        labels = pd.to_numeric(wide[columns["label_column"]], errors="coerce")
+        why.append(
+            f"label_column: {int(labels.notna().sum())} labelled rows, "
+            f"{int((labels == 1).sum())} anomalous; unlabelled rows form the training range"
+        )
+    return contract_from_dict(raw), why
+
+
+def contract_to_dict(contract: Contract) -> dict[str, Any]:
+    """The YAML mapping that ``contract_from_dict`` turns back into an equal contract."""
+    raw: dict[str, Any] = {
+        "name": contract.name,
+        "version": contract.version,
+        "description": contract.description,
+        "entity_column": contract.entity_column,
+        "timestamp_column": contract.timestamp_column,
+        "label_column": contract.label_column,
+        "timestamp_timezone": contract.timestamp_timezone,
+        "cadence_seconds": contract.cadence_seconds,
+        "min_rows_per_entity": contract.min_rows_per_entity,
+        "extra_columns": contract.extra_columns,
+        "layout": contract.layout,
+    }
+    if contract.layout == "long":
+        raw.update(sensor_column=contract.sensor_column, value_column=contract.value_column)
+    columns = []
+    for sensor in contract.sensors:
+        entry = {
+            "name": sensor.name,
+            "min": sensor.min,
+            "max": sensor.max,
+            "nullable": sensor.nullable,
+        }
+        columns.append({**entry, "source": sensor.source} if sensor.source else entry)
+    raw["sensors"] = {"columns": columns}
+    return raw
+
+
+def write_contract(
+    contract: Contract, path: Path, explanation: Sequence[str] = (), *, overwrite: bool = False
+) -> Path:
+    """Write ``contract`` as YAML under a header of ``explanation`` comments; refuses to
+    replace an existing file unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another path or overwrite it explicitly")
+    header = "".join(f"# {line}\n" for text in explanation for line in str(text).splitlines())
+    body = yaml.safe_dump(contract_to_dict(contract), sort_keys=False, allow_unicode=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + body)
+    return path
