@@ -8,6 +8,7 @@ import matplotlib.image
 import pytest
 from mlflow.tracking import MlflowClient
 
+from flows.benchmark import benchmark_flow
 from flows.ingest import ingest_flow
 from flows.params import CalibrationParams, GateParams, TrainFlowParams
 from flows.training import training_flow
@@ -70,3 +71,22 @@ def test_per_entity_calibration_gate_and_leaky_reference(
     assert params["calibration_method"] == "reference (LEAKS TEST DATA)"
     assert tags["gate.decision"] == "rejected" and "leaky" in tags["gate.reason"]
     assert get_alias_version("features-model", CHAMPION) == first.version
+
+
+def test_benchmark_flow_writes_tables_and_logs_them(
+    sqlite_env: str, smd_folder: Path, tmp_path: Path
+) -> None:
+    tables = benchmark_flow(
+        str(smd_folder), detectors=("random", "pca"), seeds=(0, 1), out_dir=str(tmp_path / "b")
+    )
+    assert (
+        tables.markdown.read_text().count("\n") == 4 and tables.summary.loc["random", "runs"] == 4
+    )
+    client = MlflowClient(get_settings().mlflow_tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("atp-benchmark").experiment_id])
+    assert 0.0 <= run.data.metrics["pca.honest_vus_pr_mean"] <= 1.0
+    assert "LEAKS TEST DATA" in run.data.tags["reference_protocol"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
+        "benchmark.csv",
+        "benchmark.md",
+    }

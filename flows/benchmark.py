@@ -1,0 +1,41 @@
+"""Benchmark flow: detectors on an SMD-layout folder under the reference and the honest protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from tasks.benchmark import (
+    BenchmarkTables,
+    log_benchmark_task,
+    run_benchmark_task,
+    write_tables_task,
+)
+from tasks.settings import get_settings
+
+
+@flow(name="benchmark", log_prints=True)
+def benchmark_flow(
+    path: str,
+    detectors: tuple[str, ...] = ("random", "pca", "max_z", "knn"),
+    seeds: tuple[int, ...] = (0, 1, 2),
+    alpha: float = 0.005,
+    anomaly_ratio: float = 0.5,
+    out_dir: str | None = None,
+) -> BenchmarkTables:
+    """Write ``benchmark.csv`` and ``benchmark.md`` (default: under ATP_HOME); log to MLflow."""
+    settings = get_settings()
+    rows = run_benchmark_task(
+        Path(path), list(detectors), list(seeds), alpha=alpha, anomaly_ratio=anomaly_ratio
+    )
+    tables = write_tables_task(rows, Path(out_dir) if out_dir else settings.home / "benchmark")
+    params = {
+        "path": path,
+        "detectors": detectors,
+        "seeds": seeds,
+        "alpha": alpha,
+        "anomaly_ratio": anomaly_ratio,
+    }
+    log_benchmark_task(settings, tables, params)
+    return tables

@@ -1,0 +1,57 @@
+"""The benchmark on a tiny SMD-layout folder: both protocols, seeds, tables, bad layouts."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.benchmark import run_benchmark, write_tables
+from tasks.errors import IngestError
+
+TRAIN, TEST = 400, 300
+
+
+def write_smd(root: Path, machines: tuple[str, ...] = ("m-1", "m-2")) -> Path:
+    """Machines of 3 noisy sensors; a level shift on sensor 0 at test rows 200..229 is labelled."""
+    rng = np.random.default_rng(0)
+    for name in machines:
+        values = rng.normal(0.5, 0.05, (TRAIN + TEST, 3))
+        values[TRAIN + 200 : TRAIN + 230, 0] += 0.5
+        labels = np.zeros(TEST, dtype=int)
+        labels[200:230] = 1
+        for part, rows in (("train", values[:TRAIN]), ("test", values[TRAIN:])):
+            (root / part).mkdir(parents=True, exist_ok=True)
+            with gzip.open(root / part / f"{name}.txt.gz", "wt") as handle:
+                np.savetxt(handle, rows, delimiter=",", fmt="%.5f")
+        (root / "test_label").mkdir(exist_ok=True)
+        np.savetxt(root / "test_label" / f"{name}.txt", labels, fmt="%d")
+    return root
+
+
+def test_both_protocols_over_machines_and_seeds(tmp_path: Path) -> None:
+    rows = run_benchmark(write_smd(tmp_path / "smd"), ["random", "max_z"], [0, 1])
+    assert rows.groupby("detector").size().to_dict() == {"random": 4, "max_z": 2}
+    max_z, chance = rows[rows["detector"] == "max_z"], rows[rows["detector"] == "random"]
+    assert max_z["honest_vus_pr"].min() > 0.8 > 0.3 > chance["honest_vus_pr"].max()
+    assert (rows["reference_pa_f1"] >= rows["reference_f1"]).all()
+    assert chance["honest_fpr_normal"].between(0, 0.05).all()
+    tables = write_tables(rows, tmp_path / "out")
+    assert tables.summary.loc["random", "runs"] == 4
+    assert tables.summary.loc["max_z", "honest_vus_pr_std"] >= 0
+    text = tables.markdown.read_text()
+    assert "| max_z | 2 |" in text and "±" in text
+    assert len(tables.csv.read_text().splitlines()) == 7
+
+
+def test_unknown_detector_and_bad_layouts_are_named(tmp_path: Path) -> None:
+    root = write_smd(tmp_path / "smd", ("m-1",))
+    with pytest.raises(ValueError, match="unknown detectors \\['lstm'\\]"):
+        run_benchmark(root, ["lstm"], [0])
+    with pytest.raises(IngestError, match="no machine has train/, test/ and test_label/"):
+        run_benchmark(tmp_path, ["pca"], [0])
+    np.savetxt(root / "test_label" / "m-1.txt", np.zeros(TEST - 1), fmt="%d")
+    with pytest.raises(IngestError, match=f"{TEST - 1} labels for {TEST} rows"):
+        run_benchmark(root, ["pca"], [0])
