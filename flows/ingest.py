@@ -1,4 +1,4 @@
-"""Ingest flow: read a source file set, validate it against its contract, upsert into the warehouse."""
+"""Ingest flow: read a source's files, validate them against its contract, upsert the warehouse."""
 
 from __future__ import annotations
 

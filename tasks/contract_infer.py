@@ -153,9 +153,14 @@ def _sensor_entries(
         if source != name:
             entry["source"] = source
         entries.append(entry)
-        rate = "no missing values" if not missing else (
-            f"{missing:.2%} missing, so nullable (training and scoring need complete rows: "
-            "fill the gaps upstream or drop the sensor)")
+        rate = (
+            "no missing values"
+            if not missing
+            else (
+                f"{missing:.2%} missing, so nullable (training and scoring need complete rows: "
+                "fill the gaps upstream or drop the sensor)"
+            )
+        )
         why.append(
             f"sensor {name}{f' (from {source!r})' if source != name else ''}: observed "
             f"[{values.min():.6g}, {values.max():.6g}], allowed [{low:.6g}, {high:.6g}]; {rate}"
@@ -230,47 +235,30 @@ def infer_contract(
         "value_column": value_column,
     }
     columns = _detect_columns(frame, given, why)
-    long = columns.get("sensor_column") is not None
-    taken = {v for v in columns.values() if v is not None}
-    if long:
-        sources = sorted({str(s) for s in frame[columns["sensor_column"]].dropna()})
-    else:
-        sources = [
-            str(c)
-            for c in frame.columns
-            if c not in taken
-            and not _is_text(frame[c])
-            and not pd.api.types.is_bool_dtype(frame[c])
-        ]
-    names = {sensor_identifier(s): s for s in sources}
-    if len(names) < len(sources):
-        raise IngestError(f"{path}: sensor names {sources} collide once made identifiers")
-    layout = (
-        {"layout": "long", **{k: columns[k] for k in ("sensor_column", "value_column")}}
-        if long
-        else {}
-    )
+    names = _sensor_names(frame, columns, path)
+    keys = {k: columns[k] for k in ("entity_column", "timestamp_column", "label_column")}
+    if columns.get("sensor_column") is not None:
+        keys.update(
+            layout="long",
+            sensor_column=columns["sensor_column"],
+            value_column=columns["value_column"],
+        )
     draft = {
         "name": name,
         "version": 1,
+        **keys,
         "sensors": {"columns": [{"name": n, "source": s} for n, s in names.items()]},
-        **layout,
-        **{k: columns[k] for k in ("entity_column", "timestamp_column", "label_column")},
     }
     wide = to_wide(frame, contract_from_dict(draft), source=str(path))
-    ignored = (
-        [c for c in frame.columns if c not in taken and str(c) not in sources] if not long else []
-    )
-    if ignored:
+    taken = {v for v in columns.values() if v is not None}
+    ignored = [c for c in frame.columns if c not in taken and str(c) not in names.values()]
+    if ignored and "layout" not in keys:
         why.append(f"extra_columns: ignore, the columns {ignored} are not numeric")
     raw = {
-        "name": name,
-        "version": 1,
+        **draft,
         "description": f"Drafted from {path.name}; review before use.",
-        **{k: columns[k] for k in ("entity_column", "timestamp_column", "label_column")},
         **_timing(wide, columns, why),
-        "extra_columns": "ignore" if ignored else "forbid",
-        **layout,
+        "extra_columns": "ignore" if ignored and "layout" not in keys else "forbid",
         "sensors": {"columns": _sensor_entries(wide, names, why)},
     }
     if columns["label_column"] is not None:
@@ -280,6 +268,28 @@ def infer_contract(
             f"{int((labels == 1).sum())} anomalous; unlabelled rows form the training range"
         )
     return contract_from_dict(raw), why
+
+
+def _sensor_names(frame: pd.DataFrame, columns: dict[str, Any], path: Path) -> dict[str, str]:
+    """Warehouse name -> source name of every sensor: the long layout's sensor names, sorted,
+    or the wide layout's numeric columns in file order."""
+    if columns.get("sensor_column") is not None:
+        sources = sorted({str(s) for s in frame[columns["sensor_column"]].dropna()})
+    else:
+        taken = {v for v in columns.values() if v is not None}
+        sources = [
+            str(c)
+            for c in frame.columns
+            if c not in taken
+            and not _is_text(frame[c])
+            and not pd.api.types.is_bool_dtype(frame[c])
+        ]
+    if not sources:
+        raise IngestError(f"{path}: no numeric sensor column among {list(frame.columns)}")
+    names = {sensor_identifier(s): s for s in sources}
+    if len(names) < len(sources):
+        raise IngestError(f"{path}: sensor names {sources} collide once made identifiers")
+    return names
 
 
 def contract_to_dict(contract: Contract) -> dict[str, Any]:

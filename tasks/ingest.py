@@ -213,8 +213,9 @@ def to_wide(frame: pd.DataFrame, contract: Contract, *, source: str) -> pd.DataF
     """A source table with one column per sensor, named as in the warehouse.
 
     A ``layout: long`` table (entity, ts, sensor, value[, label]) is pivoted first, one row per
-    (entity, ts), sorted by entity then time (rows of a long file may come in any order). Sensors are renamed from their
-    ``source`` names. Entity, ts and label keep their source names (``coerce_readings`` maps them).
+    (entity, ts), sorted by entity then time (rows of a long file may come in any order).
+    Sensors are renamed from their ``source`` names; entity, ts and label keep their source names
+    (``coerce_readings`` maps them).
     """
     if contract.layout == "long":
         frame = _pivot_long(frame, contract, source)

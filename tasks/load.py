@@ -1,4 +1,4 @@
-"""Ingest: read → coerce to warehouse columns → validate the whole load → upsert in one transaction."""
+"""Ingest: read → coerce to warehouse columns → validate the whole load → one upsert transaction."""
 
 from __future__ import annotations
 

@@ -27,13 +27,17 @@ def _plant_frame() -> pd.DataFrame:
     parts = []
     for pump in ("north pump", "south pump"):
         t = np.arange(ROWS)
-        frame = pd.DataFrame({
-            "Time": pd.date_range("2025-06-01", periods=ROWS, freq="min").strftime("%Y-%m-%dT%H:%M"),
-            "Pump": pump,
-            "Inlet Temp (C)": 40 + 3 * np.sin(t / 9) + rng.normal(0, 0.1, ROWS),
-            "flow": 12 + np.cos(t / 7) + rng.normal(0, 0.1, ROWS),
-            "status": "ok",
-        })
+        frame = pd.DataFrame(
+            {
+                "Time": pd.date_range("2025-06-01", periods=ROWS, freq="min").strftime(
+                    "%Y-%m-%dT%H:%M"
+                ),
+                "Pump": pump,
+                "Inlet Temp (C)": 40 + 3 * np.sin(t / 9) + rng.normal(0, 0.1, ROWS),
+                "flow": 12 + np.cos(t / 7) + rng.normal(0, 0.1, ROWS),
+                "status": "ok",
+            }
+        )
         frame["anomaly"] = np.where(t < 180, np.nan, (t >= 230) & (t < 240))
         parts.append(frame)
     return pd.concat(parts, ignore_index=True)

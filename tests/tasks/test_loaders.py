@@ -31,8 +31,11 @@ def write_nab(root: Path) -> dict[str, int]:
     stamps = pd.date_range("2014-04-01", periods=140, freq="5min")
     clean = stamps.strftime("%Y-%m-%d %H:%M:%S").tolist()
     repeated = [*clean[:60], clean[59], *clean[60:]]  # as in NAB's ec2_* files
-    for group, name, text in (("realX", "a", repeated), ("artificialNoAnomaly", "b", clean[:120]),
-                              ("realX", "c", clean[:120])):
+    for group, name, text in (
+        ("realX", "a", repeated),
+        ("artificialNoAnomaly", "b", clean[:120]),
+        ("realX", "c", clean[:120]),
+    ):
         path = root / "data" / group / f"{name}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"timestamp": text, "value": _wave(len(text))}).to_csv(path, index=False)
@@ -55,7 +58,10 @@ def _skab_run(rows: int, labelled: bool) -> pd.DataFrame:
 
 def write_skab(root: Path) -> dict[str, int]:
     """The anomaly-free run and one valve run (anomaly from row 150), ';'-separated."""
-    for folder, name, rows, labelled in (("anomaly-free", "anomaly-free", 150, False), ("valve1", "0", 200, True)):
+    for folder, name, rows, labelled in (
+        ("anomaly-free", "anomaly-free", 150, False),
+        ("valve1", "0", 200, True),
+    ):
         path = root / "data" / folder / f"{name}.csv"
         path.parent.mkdir(parents=True)
         _skab_run(rows, labelled).to_csv(path, sep=";", index=False)
@@ -115,8 +121,9 @@ def write_psm(root: Path) -> dict[str, int]:
             frame.loc[40:41, "feature_7"] = np.nan
         frame.to_csv(root / f"{name}.csv", index=False)
     label = (np.arange(120) >= 90) & (np.arange(120) < 95)
-    pd.DataFrame({"timestamp_(min)": np.arange(130, 250, dtype=float), "label": label.astype(float)}
-                 ).to_csv(root / "test_label.csv", index=False)
+    pd.DataFrame(
+        {"timestamp_(min)": np.arange(130, 250, dtype=float), "label": label.astype(float)}
+    ).to_csv(root / "test_label.csv", index=False)
     return {"psm": 250}
 
 
@@ -124,8 +131,10 @@ def write_swat(root: Path) -> dict[str, int]:
     """A normal run with a spare line above the header, an attack run with the 'A ttack' typo."""
     root.mkdir(parents=True, exist_ok=True)
     sensors = [s.upper() for s in load_contract("swat").sensor_names]
-    for name, start, rows in (("SWaT_Dataset_Normal_v1", "2015-12-22 16:00", 110),
-                              ("SWaT_Dataset_Attack_v0", "2015-12-28 10:00", 110)):
+    for name, start, rows in (
+        ("SWaT_Dataset_Normal_v1", "2015-12-22 16:00", 110),
+        ("SWaT_Dataset_Attack_v0", "2015-12-28 10:00", 110),
+    ):
         stamps = pd.date_range(start, periods=rows, freq="s").strftime("%d/%m/%Y %I:%M:%S %p")
         frame = pd.DataFrame({" Timestamp": [f" {s}" for s in stamps]})
         for i, sensor in enumerate(sensors):
@@ -140,8 +149,13 @@ def write_swat(root: Path) -> dict[str, int]:
 
 
 LAYOUT_WRITERS = {
-    "nab": write_nab, "skab": write_skab, "ucr": write_ucr, "smap": write_smap,
-    "msl": write_msl, "psm": write_psm, "swat": write_swat,
+    "nab": write_nab,
+    "skab": write_skab,
+    "ucr": write_ucr,
+    "smap": write_smap,
+    "msl": write_msl,
+    "psm": write_psm,
+    "swat": write_swat,
 }
 
 
@@ -172,8 +186,11 @@ def test_nab_windows_probation_and_quirks(tmp_path: Path) -> None:
 
 def test_nab_window_inside_probation_cuts_the_training_range(tmp_path: Path) -> None:
     write_nab(tmp_path)
-    early = {"realX/a.csv": [["2014-04-01 01:00:00", "2014-04-01 01:10:00"]],
-             "artificialNoAnomaly/b.csv": [], "realX/c.csv": []}
+    early = {
+        "realX/a.csv": [["2014-04-01 01:00:00", "2014-04-01 01:10:00"]],
+        "artificialNoAnomaly/b.csv": [],
+        "realX/c.csv": [],
+    }
     (tmp_path / "labels" / "combined_windows.json").write_text(json.dumps(early))
     a = read_nab(tmp_path).frame.query("entity == 'realX/a'")
     assert int(a["label"].isna().sum()) == 12 and a["label"].sum() == 3
@@ -187,8 +204,10 @@ def test_skab_runs_are_entities_with_a_normal_head(tmp_path: Path) -> None:
     assert frame[frame["entity"] == "anomaly-free/anomaly-free"]["label"].isna().all()
     early = read_skab(tmp_path, train_rows=180)
     assert early.frame.query("entity == 'valve1/0'")["label"].isna().sum() == 150
-    assert early.notes == ["valve1/0: an anomaly starts inside the first 180 rows; training "
-                           "range cut to its first 150 rows"]
+    assert early.notes == [
+        "valve1/0: an anomaly starts inside the first 180 rows; training "
+        "range cut to its first 150 rows"
+    ]
 
 
 def test_ucr_labels_follow_the_file_name(tmp_path: Path) -> None:
@@ -206,7 +225,11 @@ def test_ucr_labels_follow_the_file_name(tmp_path: Path) -> None:
     [
         ("003_UCR_Anomaly_X_10_5_8.txt", "1\n" * 20, "train_end <= begin"),
         ("003_UCR_Anomaly_X_5_10_30.txt", "1\n" * 20, "end <= 20"),
-        ("003_UCR_Anomaly_X_5_10_12.txt", "1\n" * 10 + "n/a\n" + "1\n" * 9, "value 11 is not a number"),
+        (
+            "003_UCR_Anomaly_X_5_10_12.txt",
+            "1\n" * 10 + "n/a\n" + "1\n" * 9,
+            "value 11 is not a number",
+        ),
         ("Anomaly_X_5_10_12.txt", "1\n" * 20, None),
     ],
 )
@@ -219,8 +242,10 @@ def test_ucr_bad_files(tmp_path: Path, name: str, content: str, message: str | N
 def test_telemanom_channels_labels_and_skips(tmp_path: Path) -> None:
     write_telemanom(tmp_path)
     smap = read_smap(tmp_path)
-    assert smap.skipped == ["A-9: listed 2 times in labeled_anomalies.csv",
-                            "D-1: data but no row in labeled_anomalies.csv"]
+    assert smap.skipped == [
+        "A-9: listed 2 times in labeled_anomalies.csv",
+        "D-1: data but no row in labeled_anomalies.csv",
+    ]
     label = smap.frame["label"]
     assert label.iloc[:120].isna().all()
     anomalous = np.flatnonzero(label.iloc[120:].to_numpy(dtype=float))
@@ -262,8 +287,10 @@ def test_psm_fills_gaps_and_keeps_minutes(tmp_path: Path) -> None:
     assert frame["feature_7"].iloc[41] == frame["feature_7"].iloc[39]  # carried forward
     assert frame["ts"].iloc[130] - frame["ts"].iloc[0] == pd.Timedelta(minutes=130)
     assert int(frame["label"].sum()) == 5 and frame["label"].iloc[:130].isna().all()
-    assert load.notes == ["psm: filled 5 missing values in 2 features (last value carried forward; "
-                          "leading gaps take the first value)"]
+    assert load.notes == [
+        "psm: filled 5 missing values in 2 features (last value carried forward; "
+        "leading gaps take the first value)"
+    ]
 
 
 def test_psm_test_before_train_is_refused(tmp_path: Path) -> None:
@@ -281,7 +308,9 @@ def test_swat_labels_and_day_first_timestamps(tmp_path: Path) -> None:
     frame = read_swat(tmp_path).frame
     assert frame["ts"].iloc[0] == pd.Timestamp("2015-12-22 16:00")
     assert frame["label"].iloc[:110].isna().all()
-    assert np.flatnonzero(frame["label"].iloc[110:].to_numpy(dtype=float)).tolist() == list(range(50, 56))
+    assert np.flatnonzero(frame["label"].iloc[110:].to_numpy(dtype=float)).tolist() == list(
+        range(50, 56)
+    )
 
 
 def test_swat_unknown_label_names_the_file(tmp_path: Path) -> None:
