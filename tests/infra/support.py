@@ -15,6 +15,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from tests.conftest import POSTGRES_ADMIN_URL
+
 REPO = Path(__file__).parents[2]
 ROLES_SQL = REPO / "infra" / "postgres" / "warehouse-roles.sql"
 PARTS = ("owner", "scoring", "training")
@@ -115,3 +117,22 @@ def wait_healthy(service: Service, url: str, timeout: float = 90) -> None:
             pass
         time.sleep(0.5)
     pytest.fail(f"{service.name} not healthy after {timeout} s:\n{service.tail()}")
+
+
+def create_database(name: str) -> None:
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    admin.dispose()
+
+
+def drop_database(name: str) -> None:
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+def database_url(driver: str, name: str) -> str:
+    url = sa.make_url(POSTGRES_ADMIN_URL).set(drivername=f"postgresql+{driver}", database=name)
+    return url.render_as_string(hide_password=False)
