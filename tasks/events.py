@@ -243,9 +243,9 @@ def _python(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def list_events(
-    warehouse_url: str, *, source: str | None = None, status: str | None = "open", limit: int = 100
+    warehouse_url: str, *, source: str | None = None, open_only: bool = True, limit: int = 100
 ) -> list[AlarmEvent]:
-    """Events, newest first: by default the open ones of every source (for ``atp events``)."""
+    """Events of every source (or of ``source``), newest first; only open ones if ``open_only``."""
     e = anomaly_events.c
     query = sa.select(
         e.source,
@@ -262,8 +262,8 @@ def list_events(
     )
     if source is not None:
         query = query.where(e.source == source)
-    if status is not None:
-        query = query.where(e.status == status)
+    if open_only:
+        query = query.where(e.status == "open")
     engine = get_engine(warehouse_url)
     if not sa.inspect(engine).has_table(anomaly_events.name):
         return []
