@@ -227,13 +227,13 @@ def infer_contract(
     path = Path(path)
     frame = read_table(path, _reading_contract(entity_column, timestamp_column))
     why = [f"drafted from {path.name}: {len(frame)} rows, columns {list(frame.columns)}"]
-    given = {
-        "entity_column": entity_column,
-        "timestamp_column": timestamp_column,
-        "label_column": label_column,
-        "sensor_column": sensor_column,
-        "value_column": value_column,
-    }
+    given = dict(
+        entity_column=entity_column,
+        timestamp_column=timestamp_column,
+        label_column=label_column,
+        sensor_column=sensor_column,
+        value_column=value_column,
+    )
     columns = _detect_columns(frame, given, why)
     names = _sensor_names(frame, columns, path)
     keys = {k: columns[k] for k in ("entity_column", "timestamp_column", "label_column")}
@@ -262,12 +262,16 @@ def infer_contract(
         "sensors": {"columns": _sensor_entries(wide, names, why)},
     }
     if columns["label_column"] is not None:
-        labels = pd.to_numeric(wide[columns["label_column"]], errors="coerce")
-        why.append(
-            f"label_column: {int(labels.notna().sum())} labelled rows, "
-            f"{int((labels == 1).sum())} anomalous; unlabelled rows form the training range"
-        )
+        why.append(_label_summary(wide[columns["label_column"]]))
     return contract_from_dict(raw), why
+
+
+def _label_summary(label: pd.Series) -> str:
+    values = pd.to_numeric(label, errors="coerce")
+    return (
+        f"label_column: {int(values.notna().sum())} labelled rows, "
+        f"{int((values == 1).sum())} anomalous; unlabelled rows form the training range"
+    )
 
 
 def _sensor_names(frame: pd.DataFrame, columns: dict[str, Any], path: Path) -> dict[str, str]:
