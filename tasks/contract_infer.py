@@ -16,7 +16,7 @@ import pandas as pd
 import yaml
 
 from data_contracts.contract import Contract, SensorRule, contract_from_dict
-from tasks.errors import IngestError
+from tasks.errors import AtpError, IngestError
 from tasks.ingest import read_table, to_wide
 
 RANGE_MARGIN = 0.5  # bounds = observed [min, max] widened by half the observed span on each side
@@ -333,7 +333,7 @@ def write_contract(
     replace an existing file unless ``overwrite``."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another path or overwrite it explicitly")
+        raise AtpError(f"{path} exists; choose another path or overwrite it explicitly")
     header = "".join(f"# {line}\n" for text in explanation for line in str(text).splitlines())
     body = yaml.safe_dump(contract_to_dict(contract), sort_keys=False, allow_unicode=True)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import pytest
 from data_contracts import load_contract
 from data_contracts.contract import contract_from_dict
 from tasks.contract_infer import infer_contract, sensor_identifier, write_contract
-from tasks.errors import IngestError
+from tasks.errors import AtpError, IngestError
 from tasks.ingest import to_wide
 from tasks.load import register_contract
 
@@ -71,7 +71,7 @@ def test_written_contract_reads_back_identically_with_comments(tmp_path: Path) -
     assert load_contract(written) == contract
     text = written.read_text()
     assert all(f"# {line}" in text for line in why)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(AtpError, match="units.yaml exists"):
         write_contract(contract, written)
     write_contract(contract, written, overwrite=True)
 
