@@ -101,10 +101,15 @@ def _detect_columns(
         found[key] = _pick(frame, names, fits, taken)
         if found[key] is not None:
             why.append(f"{key}: {found[key]!r} because {reason}")
-    if found["timestamp_column"] is None or found["entity_column"] is None:
+    if found["timestamp_column"] is None:
         raise IngestError(
-            f"no {'timestamp' if found['timestamp_column'] is None else 'entity'} "
-            f"column found among {list(frame.columns)}; name it explicitly"
+            f"no timestamp column found among {list(frame.columns)}; name it "
+            "explicitly (its values must be ISO 8601)"
+        )
+    if found["entity_column"] is None:
+        raise IngestError(
+            f"no entity column found among {list(frame.columns)}; name it "
+            "explicitly, or add a text column naming the series of each row"
         )
     taken = {v for v in found.values() if v is not None}
     rest = [c for c in frame.columns if c not in taken]
