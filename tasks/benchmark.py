@@ -9,7 +9,10 @@ train and test in one streaming pass.
 * Reference protocol (the paper's, LEAKS TEST DATA): the percentile ``100 - anomaly_ratio`` of
   train + test scores as threshold, then point adjustment (``reference_pa_f1``).
 
-Detectors with a seed (``random``) run once per seed; deterministic ones run once.
+Detectors with a seed (``random``, ``anomaly_transformer``) run once per seed; deterministic ones
+run once. The Anomaly Transformer is trained per machine (``AT_MODEL``, ``AT_TRAINING``: a small
+model, few epochs) with the validation tail for early stopping; its honest score is
+``recon_last`` and its reference score the paper's ``reference`` (train and test scored apart).
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from model.baselines import make_detector
+from model.config import ModelConfig, TrainConfig
 from model.metrics import auc_pr, auroc, pa_f1, point_metrics, vus_pr
 from model.scaling import Scaler
+from model.scoring import score_series
 from model.thresholds import conformal_threshold, leaky_reference_threshold
+from model.train import fit
 from tasks.errors import IngestError
 from tasks.registry import configure_tracking
 from tasks.settings import Settings
@@ -41,7 +47,10 @@ DETECTOR_PARAMS: dict[str, dict[str, Any]] = {
     "max_z": {},
     "knn": {"window": 10, "k": 5, "stride": 2},
 }
-SEEDED = frozenset({"random"})
+AT = "anomaly_transformer"
+AT_MODEL = {"win_size": 100, "d_model": 128, "n_heads": 8, "e_layers": 3, "d_ff": 128}
+AT_TRAINING = {"lr": 1e-4, "batch_size": 256, "max_epochs": 3, "stride": 5, "progress": False}
+SEEDED = frozenset({"random", AT})
 METRICS = (
     "honest_vus_pr", "honest_auc_pr", "honest_auroc", "honest_f1", "honest_fpr_normal",
     "reference_pa_f1", "reference_f1",
@@ -100,18 +109,48 @@ def load_machine(root: Path, name: str) -> Machine:
     return Machine(name, train, test, labels)
 
 
+def transformer_scores(
+    rows: np.ndarray, n_fit: int, n_train: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train a small Anomaly Transformer on ``rows[:n_fit]``; (honest, reference) scores."""
+    values = rows.astype(np.float32)
+    cfg, train_cfg = (
+        ModelConfig(n_channels=rows.shape[1], **AT_MODEL),
+        TrainConfig(seed=seed, **AT_TRAINING),
+    )
+    tail = values[n_fit:n_train]
+    model = fit(cfg, train_cfg, [values[:n_fit]], [tail] if len(tail) >= cfg.win_size else []).model
+    honest = score_series(model, values, "recon_last", batch_size=1024).scores
+    parts = (values[:n_train], values[n_train:])
+    reference = [score_series(model, part, "reference", batch_size=1024).scores for part in parts]
+    return honest, np.concatenate(reference)
+
+
+def detector_scores(
+    name: str, seed: int | None, rows: np.ndarray, n_fit: int, n_train: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(honest, reference) scores of train + test; the same array for a baseline detector."""
+    if name == AT:
+        return transformer_scores(rows, n_fit, n_train, seed or 0)
+    params = DETECTOR_PARAMS[name] | ({} if seed is None else {"seed": seed})
+    scores = make_detector(name, **params).fit(rows[:n_fit]).score(rows)
+    return scores, scores
+
+
 def protocol_metrics(
-    scores: np.ndarray,
+    scores: tuple[np.ndarray, np.ndarray],
     n_fit: int,
     n_train: int,
     labels: np.ndarray,
     alpha: float,
     anomaly_ratio: float,
 ) -> dict[str, float]:
-    """Both protocols' metrics from the scores of train + test (``n_train`` train rows)."""
-    validation, test = scores[n_fit:n_train], scores[n_train:]
+    """Both protocols' metrics from (honest, reference) scores of train + test (``n_train`` rows
+    of train)."""
+    validation, test = scores[0][n_fit:n_train], scores[0][n_train:]
     honest = test > conformal_threshold(validation, alpha)
-    leaky = test > leaky_reference_threshold(scores[:n_train], test, anomaly_ratio)
+    train_ref, test_ref = scores[1][:n_train], scores[1][n_train:]
+    leaky = test_ref > leaky_reference_threshold(train_ref, test_ref, anomaly_ratio)
     return {
         "honest_vus_pr": vus_pr(labels, test),
         "honest_auc_pr": auc_pr(labels, test),
@@ -140,8 +179,7 @@ def benchmark_machine(
     results = []
     for name in detectors:
         for seed in seeds if name in SEEDED else [None]:
-            params = DETECTOR_PARAMS[name] | ({} if seed is None else {"seed": seed})
-            scores = make_detector(name, **params).fit(rows[:n_fit]).score(rows)
+            scores = detector_scores(name, seed, rows, n_fit, n_train)
             metrics = protocol_metrics(scores, n_fit, n_train, machine.labels, alpha, anomaly_ratio)
             results.append({"detector": name, "machine": machine.name, "seed": seed, **metrics})
             log.info(
@@ -160,9 +198,10 @@ def run_benchmark(
     val_fraction: float = 0.2,
 ) -> pd.DataFrame:
     """Every detector on every machine of ``root``: one row per (detector, machine, seed)."""
-    unknown = sorted(set(detectors) - set(DETECTOR_PARAMS))
+    known = [*DETECTOR_PARAMS, AT]
+    unknown = sorted(set(detectors) - set(known))
     if unknown:
-        raise ValueError(f"unknown detectors {unknown}: choose from {sorted(DETECTOR_PARAMS)}")
+        raise ValueError(f"unknown detectors {unknown}: choose from {sorted(known)}")
     rows = []
     for name in smd_machines(root):
         rows += benchmark_machine(

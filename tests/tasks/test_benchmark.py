@@ -55,3 +55,10 @@ def test_unknown_detector_and_bad_layouts_are_named(tmp_path: Path) -> None:
     np.savetxt(root / "test_label" / "m-1.txt", np.zeros(TEST - 1), fmt="%d")
     with pytest.raises(IngestError, match=f"{TEST - 1} labels for {TEST} rows"):
         run_benchmark(root, ["pca"], [0])
+
+
+def test_anomaly_transformer_runs_under_both_protocols(tmp_path: Path) -> None:
+    rows = run_benchmark(write_smd(tmp_path / "smd", ("m-1",)), ["anomaly_transformer"], [0])
+    (row,) = rows.to_dict("records")
+    assert row["detector"] == "anomaly_transformer" and row["seed"] == 0
+    assert 0.0 <= row["honest_vus_pr"] <= 1.0 and row["reference_pa_f1"] >= row["reference_f1"]
