@@ -103,4 +103,6 @@ DEMO_TRAINING = TrainFlowParams(
     model=ModelParams(d_model=64, n_heads=4, e_layers=2, d_ff=64),
     training=TrainingParams(max_epochs=3, max_steps=300, batch_size=64, stride=5, lr=1e-3),
     promote=True,
+    # The demo always serves its model; the gate's decision is still logged (as "forced").
+    gate=GateParams(force=True),
 )

@@ -59,7 +59,29 @@ def decide(
     leaks_test_data: bool,
     champion_version: int | None = None,
 ) -> GateDecision:
-    """The gate's rule on two runs' logged metrics (``champion`` None: no champion yet)."""
+    """The gate's rule on two runs' logged metrics (``champion`` None: no champion yet).
+
+    A challenger evaluated on no labelled data (no ``test_*`` metrics) is promoted only when
+    there is no champion yet, so that a first model can serve; the reason says it was unchecked.
+    """
+    if f"test_{FALSE_ALARM_METRIC}" not in challenger and not leaks_test_data:
+        passed = champion is None
+        reason = "no labelled evaluation range: " + (
+            "first model promoted unchecked" if passed else "nothing to compare with the champion"
+        )
+        nan = math.nan
+        return GateDecision(
+            passed,
+            False,
+            reason,
+            metric,
+            nan,
+            None,
+            champion_version,
+            margin,
+            nan,
+            false_alarm_budget,
+        )
     value = _test_metric(challenger, metric, "challenger")
     rate = _test_metric(challenger, FALSE_ALARM_METRIC, "challenger")
     best = None if champion is None else _test_metric(champion, metric, "champion")
@@ -114,7 +136,8 @@ def _log_decision(client: MlflowClient, run_id: str, decision: GateDecision) -> 
     if decision.champion_value is not None:
         numbers["gate_champion_value"] = decision.champion_value
     for key, number in numbers.items():
-        client.log_metric(run_id, key, number)
+        if not math.isnan(number):
+            client.log_metric(run_id, key, number)
 
 
 def gate_and_promote(

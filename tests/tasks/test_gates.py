@@ -134,3 +134,16 @@ def test_leaky_or_over_budget_challenger_is_refused(client: MlflowClient) -> Non
     assert "leaky" in gate_and_promote(NAME, leaky).reason
     assert "budget" in gate_and_promote(NAME, noisy, false_alarm_budget=0.01).reason
     assert get_alias_version(NAME, CHAMPION) == first
+
+
+def test_unevaluated_challenger_is_promoted_only_without_a_champion() -> None:
+    kwargs = {
+        "metric": "vus_pr",
+        "margin": 0.0,
+        "false_alarm_budget": 0.01,
+        "leaks_test_data": False,
+    }
+    first = decide({"threshold": 1.0}, None, **kwargs)
+    assert first.promoted and "promoted unchecked" in first.reason
+    later = decide({"threshold": 1.0}, _metrics(0.4, 0.0), **kwargs)
+    assert not later.promoted and "nothing to compare" in later.reason
