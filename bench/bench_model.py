@@ -170,9 +170,13 @@ def run_scoring(
         rows.append(row)
         if compiled and profiles is not None:
             profiles[row["variant"]] = kernel_profile(
-                lambda: score_series(
-                    model, values[method], method, batch_size=settings.score_batch,
-                    precision=precision, compile=True,  # type: ignore[arg-type]
+                lambda method=method, precision=precision: score_series(
+                    model,
+                    values[method],
+                    method,
+                    batch_size=settings.score_batch,
+                    precision=precision,
+                    compile=True,  # type: ignore[arg-type]
                 ),
                 steps=1,
             )

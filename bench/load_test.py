@@ -61,16 +61,21 @@ def main() -> None:
     save_tiny_checkpoint(tmp / "model.pt", frame)
     loaded = local_model(tmp / "model.pt")
     started = time.perf_counter()
-    scored = sum(score_new_rows(url, SMD, loaded, entity, run_id="load-test",
-                                chunk_rows=args.chunk_rows).scored
-                 for entity in list_entities(url, SMD))
+    scored = sum(
+        score_new_rows(
+            url, SMD, loaded, entity, run_id="load-test", chunk_rows=args.chunk_rows
+        ).scored
+        for entity in list_entities(url, SMD)
+    )
     wall = time.perf_counter() - started
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.backend == "postgres":
         _drop(url)
-    print(f"{args.backend}: {args.entities} entities, {scored} points in {wall:.1f} s = "
-          f"{scored / wall:,.0f} points/s, {wall / args.entities:.2f} s/entity, "
-          f"peak RSS {peak_mib:.0f} MiB")
+    print(
+        f"{args.backend}: {args.entities} entities, {scored} points in {wall:.1f} s = "
+        f"{scored / wall:,.0f} points/s, {wall / args.entities:.2f} s/entity, "
+        f"peak RSS {peak_mib:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

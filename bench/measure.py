@@ -239,8 +239,12 @@ def bench_score(
 
     def run() -> np.ndarray:
         return score_series(
-            model, values, method, batch_size=settings.score_batch,
-            precision=precision, compile=compile,  # type: ignore[arg-type]
+            model,
+            values,
+            method,
+            batch_size=settings.score_batch,
+            precision=precision,
+            compile=compile,  # type: ignore[arg-type]
         ).scores
 
     warm_seconds = timed(run, device)

@@ -51,9 +51,12 @@ def main() -> None:
         )
         difference = np.linalg.norm(fast.scores - eager.scores) / np.linalg.norm(eager.scores)
         rows_sum = np.allclose(fast.contributions.sum(1), fast.scores, rtol=1e-4)
-        print(f"score {method}: bf16 compiled vs fp32 eager rel. L2 {difference:.2e}, "
-              f"rows sum to the score: {rows_sum}")
+        print(
+            f"score {method}: bf16 compiled vs fp32 eager rel. L2 {difference:.2e}, "
+            f"rows sum to the score: {rows_sum}"
+        )
         assert np.isfinite(fast.scores).all() and rows_sum and len(eager.scores) == 4_901
+
 
 if __name__ == "__main__":
     main()

@@ -90,11 +90,24 @@ class Contract:
         return {s.source or s.name: s.name for s in self.sensors}
 
 
-_TOP_KEYS = frozenset({
-    "name", "version", "description", "sensors", "entity_column", "timestamp_column",
-    "label_column", "timestamp_timezone", "cadence_seconds", "min_rows_per_entity",
-    "extra_columns", "layout", "sensor_column", "value_column",
-})
+_TOP_KEYS = frozenset(
+    {
+        "name",
+        "version",
+        "description",
+        "sensors",
+        "entity_column",
+        "timestamp_column",
+        "label_column",
+        "timestamp_timezone",
+        "cadence_seconds",
+        "min_rows_per_entity",
+        "extra_columns",
+        "layout",
+        "sensor_column",
+        "value_column",
+    }
+)
 _SENSOR_SECTION_KEYS = frozenset({"defaults", "columns"})
 _SENSOR_KEYS = frozenset({"name", "min", "max", "nullable", "source"})
 

@@ -18,9 +18,23 @@ if TYPE_CHECKING:
 
 # dtype names GX's type-list check accepts for a sensor (numpy names and pandas nullable dtypes).
 NUMERIC_TYPES = (
-    "float64", "float32", "float16", "int64", "int32", "int16", "int8",
-    "uint64", "uint32", "uint16", "uint8", "Float64Dtype", "Float32Dtype",
-    "Int64Dtype", "Int32Dtype", "Int16Dtype", "Int8Dtype",
+    "float64",
+    "float32",
+    "float16",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint64",
+    "uint32",
+    "uint16",
+    "uint8",
+    "Float64Dtype",
+    "Float32Dtype",
+    "Int64Dtype",
+    "Int32Dtype",
+    "Int16Dtype",
+    "Int8Dtype",
 )
 # naive datetimes only: callers normalise tz-aware timestamps to naive UTC before validation.
 DATETIME_TYPES = ("datetime64[ns]", "datetime64[us]", "datetime64[ms]", "datetime64[s]")

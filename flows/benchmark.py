@@ -1,7 +1,5 @@
 """Benchmark flow: detectors on an SMD-layout folder under the reference and the honest protocol."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from prefect import flow

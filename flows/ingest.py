@@ -1,7 +1,5 @@
 """Ingest flow: read a source's files, validate them against its contract, upsert the warehouse."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Literal
 

@@ -1,7 +1,5 @@
 """Promotion, status and the demo: small flows an operator runs by hand."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from prefect import flow

@@ -71,4 +71,4 @@ def serve_scoring(source: str, *, cron: str, interval: int | None) -> None:
     from flows.scoring import scoring_flow
 
     schedule: dict[str, Any] = {"interval": interval} if interval else {"cron": cron}
-    scoring_flow.serve(name=f"score-{source}", parameters={"source": source}, **schedule)
+    scoring_flow.serve(name=f"score-{source}", parameters={"source": source}, limit=1, **schedule)

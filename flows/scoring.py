@@ -1,7 +1,5 @@
 """Scheduled scoring and backfill flows: score with one model version, write results atomically."""
 
-from __future__ import annotations
-
 from datetime import datetime
 
 from prefect import flow

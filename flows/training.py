@@ -1,7 +1,5 @@
 """Training flow: validate → window → train → calibrate → evaluate → register (→ promote)."""
 
-from __future__ import annotations
-
 from prefect import flow
 
 from data_contracts import load_contract
@@ -16,7 +14,7 @@ from tasks.windowing import build_dataset_task
 
 
 @flow(name="train", log_prints=True)
-def training_flow(params: TrainFlowParams = TrainFlowParams()) -> TrainingSummary:
+def training_flow(params: TrainFlowParams = TrainFlowParams()) -> TrainingSummary:  # noqa: B008
     """Train one model for a source; it becomes the challenger, and champion if ``promote`` and
     it passes the promotion gate (``params.gate``; ``gate.force`` overrides, logged as forced)."""
     settings = get_settings()

@@ -1,1 +1,4 @@
-"""The Anomaly Transformer: network, minimax training, scoring, metrics and thresholds (torch + numpy only)."""
+"""The Anomaly Transformer: network, minimax training, scoring, metrics, thresholds.
+
+torch and numpy only.
+"""

@@ -44,9 +44,7 @@ class Detector(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
-def _matrix(
-    values: ArrayLike, name: str, n_channels: int | None = None
-) -> NDArray[np.float64]:
+def _matrix(values: ArrayLike, name: str, n_channels: int | None = None) -> NDArray[np.float64]:
     """``values`` as a finite float64 `(T, C)` array, T, C >= 1, with ``n_channels`` columns."""
     try:
         array = np.asarray(values, dtype=np.float64)
@@ -103,8 +101,10 @@ class PcaDetector(_Standardised):
     name = "pca"
 
     def __init__(self, variance: float = 0.95, n_components: int | None = None) -> None:
-        if isinstance(variance, bool) or not isinstance(variance, int | float) or not (
-            0.0 < variance <= 1.0
+        if (
+            isinstance(variance, bool)
+            or not isinstance(variance, int | float)
+            or not (0.0 < variance <= 1.0)
         ):
             raise ValueError(f"variance must be in (0, 1], got {variance!r}")
         self.variance = float(variance)

@@ -86,7 +86,9 @@ class TrainConfig:
         _require(
             0.0 <= self.val_fraction < 1.0, "val_fraction", self.val_fraction, "a float in [0, 1)"
         )
-        _require(self.precision in ("fp32", "bf16"), "precision", self.precision, "'fp32' or 'bf16'")
+        _require(
+            self.precision in ("fp32", "bf16"), "precision", self.precision, "'fp32' or 'bf16'"
+        )
         _require(
             self.minimax in ("surrogate", "two_backward"),
             "minimax",
@@ -118,5 +120,7 @@ def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {unknown}: expected a subset of {sorted(names)}")
+        raise ValueError(
+            f"unknown {cls.__name__} fields {unknown}: expected a subset of {sorted(names)}"
+        )
     return dict(data)

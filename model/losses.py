@@ -40,9 +40,7 @@ def kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return terms.sum(dim=-1).mean(dim=1)  # (B, L)
 
 
-def association_discrepancy(
-    series: list[torch.Tensor], prior: list[torch.Tensor]
-) -> torch.Tensor:
+def association_discrepancy(series: list[torch.Tensor], prior: list[torch.Tensor]) -> torch.Tensor:
     """Symmetric KL between series and prior per point, averaged over heads and layers.
 
     Returns:

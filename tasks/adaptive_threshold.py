@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from model.adaptive import AciState, aci_scores
+from tasks.alarm_rule import alarm_rule
 from tasks.alarm_tables import adaptive_state, entity_filter
 from tasks.scores_store import Watermark
 
@@ -76,14 +77,13 @@ def apply_adaptive(
 
     Rows the state already covers are dropped from the result: they are stored already.
     """
-    alpha = float(extras["calibration"]["alpha"])
-    state, last_ts = load_state(conn, source, watermark, alpha, gamma)
+    rule = alarm_rule(extras, watermark.entity)
+    state, last_ts = load_state(conn, source, watermark, rule.alpha, gamma)
     if last_ts is not None:
         rows = rows[rows["ts"] > pd.Timestamp(last_ts)]
     if rows.empty:
         return rows
-    calibration = np.asarray(extras["calibration_scores"], dtype=np.float64)
-    result = aci_scores(state, calibration, rows["score"].to_numpy(np.float64))
+    result = aci_scores(state, rule.null_scores, rows["score"].to_numpy(np.float64))
     newest = pd.Timestamp(rows["ts"].iloc[-1]).to_pydatetime()
     _save_state(conn, source, watermark, result.state, newest)
     return rows.assign(threshold=result.thresholds, is_anomaly=result.is_anomaly)

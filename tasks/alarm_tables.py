@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
 METADATA = sa.MetaData()
-_SCHEMA_LOCK = 0x41545045  # PostgreSQL advisory lock key that serialises the CREATE TABLEs here
 
 
 def _key(*names: str) -> list[sa.Column[Any]]:
@@ -63,14 +62,6 @@ adaptive_state = sa.Table(
     sa.Column("state", sa.Text, nullable=False),  # JSON of model.adaptive.AciState
     sa.Column("updated_at", sa.DateTime, nullable=False),
 )
-
-
-def ensure_alarm_tables(engine: Engine) -> None:
-    """Create the tables above if missing; safe to call from several processes at once."""
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
-        METADATA.create_all(conn, checkfirst=True)
 
 
 def lock_entity(conn: Connection, source: str, entity: str, model_name: str) -> None:

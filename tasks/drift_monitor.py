@@ -27,9 +27,10 @@ from prefect.cache_policies import NO_CACHE
 from sqlalchemy.engine import Connection
 
 from model.drift import TrainingProfile, detect_drift, exceedance_test
+from tasks.alarm_rule import alarm_rule
 from tasks.alarm_tables import drift_flags, entity_filter
 from tasks.scores_store import Watermark
-from tasks.warehouse import get_engine
+from tasks.warehouse import get_engine, read_transaction
 
 log = logging.getLogger(__name__)
 NO_PROFILE = "the model carries no training profile for this entity: score test only"
@@ -95,11 +96,11 @@ def check_batch(
     rules: DriftRules = DriftRules(),
 ) -> DriftCheck:
     """Test one batch: raw readings ``(T, C)`` in the model's sensor order and their scores."""
-    alpha = float(extras["calibration"]["alpha"])
+    rule = alarm_rule(extras, entity)
     test = exceedance_test(
         scores,
-        float(extras["threshold"]),
-        alpha,
+        rule.threshold,
+        rule.alpha,
         significance=rules.significance,
         min_rate_ratio=rules.min_rate_ratio,
     )
@@ -112,7 +113,7 @@ def check_batch(
         statistics |= _sensor_explanation(
             TrainingProfile.from_dict(profile), values, list(extras["sensors"]), rules
         )
-    return DriftCheck(test.flagged, test.rate, alpha, test.p_value, statistics)
+    return DriftCheck(test.flagged, test.rate, rule.alpha, test.p_value, statistics)
 
 
 def record_drift(
@@ -176,7 +177,7 @@ def latest_drift(warehouse_url: str, source: str | None = None) -> list[DriftSta
         d.alpha,
         d.statistics,
     )
-    with engine.connect() as conn:
+    with read_transaction(engine) as conn:
         rows = conn.execute(query.select_from(joined).order_by(d.source, d.entity)).all()
     return [
         DriftState(*row[:10], [s[0] for s in json.loads(row[10]).get("most_shifted", [])])

@@ -78,3 +78,11 @@ def is_transient(error: BaseException | None) -> bool:
 def retry_if_transient(_task: Any, _task_run: Any, state: State[Any]) -> bool:
     """Prefect ``retry_condition_fn``: retry a failed task run only after a transient failure."""
     return is_transient(state.result(raise_on_failure=False))
+
+
+TRANSIENT_RETRIES: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": [2, 10, 30],
+    "retry_condition_fn": retry_if_transient,
+}
+"""Task options for I/O against the warehouse or the registry: retry outages, nothing else."""

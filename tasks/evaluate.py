@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from data_contracts import Contract
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.metrics import evaluate_scores
+from tasks.alarm_rule import alarm_rule
 from tasks.plots import plot_scores
 from tasks.scoring import score_values
 from tasks.warehouse import get_engine, read_readings
@@ -27,11 +28,6 @@ class Evaluation:
     per_entity: dict[str, dict[str, float]]
     random_control: dict[str, float]
     figures: tuple[Path, ...]
-
-
-def entity_threshold(extras: dict, entity: str) -> float:
-    """The entity's own threshold when calibrated per entity, else the global one."""
-    return float(extras.get("thresholds", {}).get(entity, extras["threshold"]))
 
 
 def random_control(labels: np.ndarray, alpha: float) -> dict[str, float]:
@@ -80,7 +76,7 @@ def evaluate_model(
         if scored is None or scored["label"].nunique() < 2:
             continue
         labels = scored["label"].to_numpy(np.int64)
-        threshold = entity_threshold(checkpoint.extras, entity)
+        threshold = alarm_rule(checkpoint.extras, entity).threshold
         per_entity[entity] = evaluate_scores(labels, scored["score"].to_numpy(), threshold)
         control[entity] = random_control(labels, alpha)
         figures.append(

@@ -33,7 +33,7 @@ from sqlalchemy.engine import Connection
 
 from tasks.alarm_tables import anomaly_events, entity_filter
 from tasks.scores_store import anomaly_scores
-from tasks.warehouse import get_engine
+from tasks.warehouse import get_engine, read_transaction
 
 _SCAN_ROWS = 1024  # rows read per step while looking for a quiet boundary
 
@@ -267,7 +267,7 @@ def list_events(
     engine = get_engine(warehouse_url)
     if not sa.inspect(engine).has_table(anomaly_events.name):
         return []
-    with engine.connect() as conn:
+    with read_transaction(engine) as conn:
         rows = conn.execute(query.order_by(e.end_ts.desc(), e.entity).limit(limit)).all()
     return [AlarmEvent(*row[:9], [tuple(p) for p in json.loads(row[9])], row[10]) for row in rows]
 

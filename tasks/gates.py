@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.registry import CHAMPION, IO_RETRIES, get_alias_version, promote
+from tasks.errors import TRANSIENT_RETRIES
+from tasks.registry import CHAMPION, get_alias_version, promote
 from tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,6 @@ def gate_and_promote(
     return decision
 
 
-gate_and_promote_task = task(name="promotion-gate", cache_policy=NO_CACHE, **IO_RETRIES)(
+gate_and_promote_task = task(name="promotion-gate", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)(
     gate_and_promote
 )

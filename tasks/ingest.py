@@ -75,8 +75,10 @@ def _read_values(path: Path, width: int) -> np.ndarray:
     lines = text.splitlines()
     for number, line in enumerate(lines, start=1):
         if line.count(",") != width - 1:
-            raise IngestError(f"{path}: line {number} has {line.count(',') + 1} values, expected "
-                              f"{width}: {line[:80]!r}")
+            raise IngestError(
+                f"{path}: line {number} has {line.count(',') + 1} values, expected "
+                f"{width}: {line[:80]!r}"
+            )
     try:
         frame = pd.read_csv(io.StringIO(text), header=None, dtype=np.float64, na_filter=False)
     except ValueError as error:
@@ -88,8 +90,9 @@ def _not_a_number(path: Path, lines: list[str], error: ValueError) -> IngestErro
     for number, line in enumerate(lines, start=1):
         for column, token in enumerate(line.split(","), start=1):
             if not _NUMBER.fullmatch(token):
-                return IngestError(f"{path}: line {number}, value {column} is not a number: "
-                                   f"{token[:40]!r}")
+                return IngestError(
+                    f"{path}: line {number}, value {column} is not a number: {token[:40]!r}"
+                )
     return IngestError(f"{path}: {error}")
 
 
@@ -121,19 +124,22 @@ def _smd_files(root: Path) -> dict[str, dict[str, Path]]:
     return machines
 
 
-def _read_machine(name: str, files: dict[str, Path], sensors: list[str],
-                  cadence: int) -> pd.DataFrame:
+def _read_machine(
+    name: str, files: dict[str, Path], sensors: list[str], cadence: int
+) -> pd.DataFrame:
     """Train rows then test rows as one series; label null on train rows, 0/1 on test rows."""
     train = _read_values(files["train"], len(sensors))
     test = _read_values(files["test"], len(sensors))
     labels = _read_labels(files["test_label"])
     if len(labels) != len(test):
-        raise IngestError(f"{files['test_label']}: {len(labels)} labels, but {files['test']} "
-                          f"has {len(test)} rows")
+        raise IngestError(
+            f"{files['test_label']}: {len(labels)} labels, but {files['test']} has {len(test)} rows"
+        )
     frame = pd.DataFrame(np.vstack([train, test]), columns=sensors)
     frame.insert(0, "entity", pd.Series(name, index=frame.index, dtype="str"))
-    frame.insert(1, "ts", pd.date_range(SMD_ORIGIN, periods=len(frame), freq=f"{cadence}s",
-                                        unit="us"))
+    frame.insert(
+        1, "ts", pd.date_range(SMD_ORIGIN, periods=len(frame), freq=f"{cadence}s", unit="us")
+    )
     unlabelled = np.arange(len(frame)) < len(train)
     values = np.concatenate([np.zeros(len(train), np.int64), labels])
     frame["label"] = pd.arrays.IntegerArray(values, unlabelled)
@@ -236,21 +242,27 @@ def _pivot_long(frame: pd.DataFrame, contract: Contract, source: str) -> pd.Data
     known = set(contract.source_sensor_names)
     unknown = data.loc[~data[sensor].isin(known), sensor]
     if len(unknown) and contract.extra_columns == "forbid":
-        raise IngestError(f"{source}: {len(unknown)} rows name sensors not in the contract, e.g. "
-                          f"{sorted(set(unknown))[:5]} (line {unknown.index[0] + 2})")
+        raise IngestError(
+            f"{source}: {len(unknown)} rows name sensors not in the contract, e.g. "
+            f"{sorted(set(unknown))[:5]} (line {unknown.index[0] + 2})"
+        )
     data = data[data[sensor].isin(known)]
     numbers = pd.to_numeric(data[value], errors="coerce")
     bad = data[value].notna() & numbers.isna()
     if bad.any():
         examples = [f"line {i + 2}: {data[value][i]!r}" for i in data.index[bad][:5]]
-        raise IngestError(f"{source}: column {value!r} has {int(bad.sum())} values that are not "
-                          f"numbers, e.g. {', '.join(examples)}")
+        raise IngestError(
+            f"{source}: column {value!r} has {int(bad.sum())} values that are not "
+            f"numbers, e.g. {', '.join(examples)}"
+        )
     data[value] = numbers.astype("float64")
     repeated = data.duplicated([*keys, sensor], keep=False)
     if repeated.any():
         examples = data.loc[repeated, [*keys, sensor]].head(5).itertuples(index=False)
-        raise IngestError(f"{source}: {int(repeated.sum())} rows repeat an (entity, ts, sensor), "
-                          f"e.g. {[tuple(e) for e in examples]}")
+        raise IngestError(
+            f"{source}: {int(repeated.sum())} rows repeat an (entity, ts, sensor), "
+            f"e.g. {[tuple(e) for e in examples]}"
+        )
     return _spread(data, contract, keys, source)
 
 
@@ -273,7 +285,9 @@ def _spread(data: pd.DataFrame, contract: Contract, keys: list[str], source: str
         labels = data.groupby(keys, sort=False)[label].agg(["nunique", "first"])
         conflicting = labels[labels["nunique"] > 1]
         if len(conflicting):
-            raise IngestError(f"{source}: {len(conflicting)} (entity, ts) carry different labels "
-                              f"on different sensor rows, e.g. {list(conflicting.index[:5])}")
+            raise IngestError(
+                f"{source}: {len(conflicting)} (entity, ts) carry different labels "
+                f"on different sensor rows, e.g. {list(conflicting.index[:5])}"
+            )
         wide[label] = labels["first"].reindex(pd.MultiIndex.from_frame(order)).to_numpy()
     return wide

@@ -19,8 +19,14 @@ def plot_scores(scored: pd.DataFrame, threshold: float, entity: str, path: Path)
     ax.axhline(threshold, color="red", lw=1, ls="--", label=f"threshold {threshold:.3g}")
     anomalous = scored["label"].to_numpy() == 1
     ax.fill_between(
-        scored["ts"], 0, 1, where=anomalous, transform=ax.get_xaxis_transform(),
-        color="orange", alpha=0.3, label="labelled anomaly",
+        scored["ts"],
+        0,
+        1,
+        where=anomalous,
+        transform=ax.get_xaxis_transform(),
+        color="orange",
+        alpha=0.3,
+        label="labelled anomaly",
     )
     ax.set_yscale("log")
     ax.set_title(f"{entity}: anomaly score vs threshold vs labels")

@@ -29,11 +29,10 @@ from mlflow.exceptions import MlflowException
 from packaging.version import Version
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import State
 
 import model
 from model.checkpoint import Checkpoint, load_checkpoint
-from tasks.errors import AtpError, ModelRegistryError
+from tasks.errors import TRANSIENT_RETRIES, ModelRegistryError
 from tasks.pyfunc_model import (
     CHECKPOINT_ARTIFACT,
     ENTITY_PARAM,
@@ -296,33 +295,8 @@ def load_model_version(model_name: str, alias: str) -> LoadedModel:
     return LoadedModel(model_name, version, run_id, checkpoint, checkpoint.extras)
 
 
-def is_transient(exc: BaseException | None) -> bool:
-    """True for registry I/O failures worth a retry; never for a deliberate refusal."""
-    while exc is not None:
-        if isinstance(exc, AtpError):
-            return False
-        if isinstance(exc, OSError):
-            return True
-        if isinstance(exc, MlflowException) and exc.error_code == "TEMPORARILY_UNAVAILABLE":
-            return True
-        exc = exc.__cause__
-    return False
-
-
-def retry_transient(_task: object, _task_run: object, state: State[Any]) -> bool:
-    """Prefect ``retry_condition_fn``: retry only when the failure was transient I/O."""
-    return is_transient(state.result(raise_on_failure=False))
-
-
-IO_RETRIES: dict[str, Any] = {
-    "retries": 2,
-    "retry_delay_seconds": [2, 10],
-    "retry_condition_fn": retry_transient,
-}
-
-
 log_and_register_task = task(name="log-and-register", cache_policy=NO_CACHE)(log_and_register)
-promote_task = task(name="promote", cache_policy=NO_CACHE, **IO_RETRIES)(promote)
-load_model_version_task = task(name="load-model-version", cache_policy=NO_CACHE, **IO_RETRIES)(
-    load_model_version
-)
+promote_task = task(name="promote", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)(promote)
+load_model_version_task = task(
+    name="load-model-version", cache_policy=NO_CACHE, **TRANSIENT_RETRIES
+)(load_model_version)

@@ -29,17 +29,25 @@ def _key(*names: str) -> list[sa.Column[Any]]:
 
 
 anomaly_scores = sa.Table(
-    "anomaly_scores", METADATA, *_key("source", "entity"),
-    sa.Column("ts", sa.DateTime, primary_key=True), *_key("model_name"),
+    "anomaly_scores",
+    METADATA,
+    *_key("source", "entity"),
+    sa.Column("ts", sa.DateTime, primary_key=True),
+    *_key("model_name"),
     sa.Column("model_version", sa.String, nullable=False),
-    sa.Column("score", sa.Float, nullable=False), sa.Column("threshold", sa.Float, nullable=False),
-    sa.Column("is_anomaly", sa.Boolean, nullable=False), sa.Column("p_value", sa.Float),
-    sa.Column("top_sensors", sa.Text), sa.Column("provisional", sa.Boolean, nullable=False),
+    sa.Column("score", sa.Float, nullable=False),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("is_anomaly", sa.Boolean, nullable=False),
+    sa.Column("p_value", sa.Float),
+    sa.Column("top_sensors", sa.Text),
+    sa.Column("provisional", sa.Boolean, nullable=False),
     sa.Column("run_id", sa.String, nullable=False),
     sa.Column("scored_at", sa.DateTime, nullable=False),
 )
 scoring_watermarks = sa.Table(
-    "scoring_watermarks", METADATA, *_key("source", "entity", "model_name"),
+    "scoring_watermarks",
+    METADATA,
+    *_key("source", "entity", "model_name"),
     sa.Column("last_ts", sa.DateTime, nullable=False),
     sa.Column("model_version", sa.String, nullable=False),
     sa.Column("run_id", sa.String, nullable=False),
@@ -62,8 +70,10 @@ def get_watermark(conn: Connection, source: str, entity: str, model_name: str) -
     """The watermark of (source, entity, model_name), or None before the first scores."""
     w = scoring_watermarks.c
     query = sa.select(w.entity, w.model_name, w.last_ts, w.model_version, w.run_id).where(
-        w.source == check_identifier(source, "source"), w.entity == entity,
-        w.model_name == model_name)
+        w.source == check_identifier(source, "source"),
+        w.entity == entity,
+        w.model_name == model_name,
+    )
     row = conn.execute(query).one_or_none()
     return None if row is None else Watermark(*row)
 
@@ -79,8 +89,14 @@ def _check_score_frame(frame: pd.DataFrame, entity: str) -> None:
         raise ValueError("score frame has duplicate timestamps")
 
 
-def write_scores(conn: Connection, source: str, frame: pd.DataFrame, watermark: Watermark, *,
-                 move_watermark: bool = True) -> int:
+def write_scores(
+    conn: Connection,
+    source: str,
+    frame: pd.DataFrame,
+    watermark: Watermark,
+    *,
+    move_watermark: bool = True,
+) -> int:
     """Upsert one entity's scores (replacing earlier ones) and advance its watermark, in ``conn``.
 
     ``frame`` has the columns ``SCORE_COLUMNS`` (``top_sensors``: JSON text or a list of sensor
@@ -93,15 +109,24 @@ def write_scores(conn: Connection, source: str, frame: pd.DataFrame, watermark: 
     _check_score_frame(frame, watermark.entity)
     now = datetime.now(UTC).replace(tzinfo=None)
     frame = frame.assign(
-        source=source, entity=watermark.entity, model_name=watermark.model_name,
-        model_version=watermark.model_version, run_id=watermark.run_id, scored_at=now,
-        top_sensors=frame["top_sensors"].map(_as_json, na_action="ignore"))
+        source=source,
+        entity=watermark.entity,
+        model_name=watermark.model_name,
+        model_version=watermark.model_version,
+        run_id=watermark.run_id,
+        scored_at=now,
+        top_sensors=frame["top_sensors"].map(_as_json, na_action="ignore"),
+    )
     stage = stage_frame(conn, anomaly_scores, frame)
     insert = dialect_insert(conn)(anomaly_scores).from_select(
-        list(anomaly_scores.columns.keys()), sa.select(stage).where(sa.true()).order_by(stage.c.ts))
+        list(anomaly_scores.columns.keys()), sa.select(stage).where(sa.true()).order_by(stage.c.ts)
+    )
     replace = {c.name: insert.excluded[c.name] for c in anomaly_scores.columns if not c.primary_key}
-    conn.execute(insert.on_conflict_do_update(
-        index_elements=list(anomaly_scores.primary_key.columns.keys()), set_=replace))
+    conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=list(anomaly_scores.primary_key.columns.keys()), set_=replace
+        )
+    )
     stage.drop(conn)
     if move_watermark:
         _move_watermark(conn, source, watermark, now)
@@ -114,11 +139,19 @@ def _as_json(value: str | Sequence[str]) -> str:
 
 def _move_watermark(conn: Connection, source: str, watermark: Watermark, now: datetime) -> None:
     insert = dialect_insert(conn)(scoring_watermarks).values(
-        source=source, entity=watermark.entity, model_name=watermark.model_name,
-        last_ts=naive_utc(watermark.last_ts), model_version=watermark.model_version,
-        run_id=watermark.run_id, updated_at=now)
+        source=source,
+        entity=watermark.entity,
+        model_name=watermark.model_name,
+        last_ts=naive_utc(watermark.last_ts),
+        model_version=watermark.model_version,
+        run_id=watermark.run_id,
+        updated_at=now,
+    )
     moved = ("last_ts", "model_version", "run_id", "updated_at")
-    conn.execute(insert.on_conflict_do_update(
-        index_elements=list(scoring_watermarks.primary_key.columns.keys()),
-        set_={name: insert.excluded[name] for name in moved},
-        where=insert.excluded.last_ts >= scoring_watermarks.c.last_ts))
+    conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=list(scoring_watermarks.primary_key.columns.keys()),
+            set_={name: insert.excluded[name] for name in moved},
+            where=insert.excluded.last_ts >= scoring_watermarks.c.last_ts,
+        )
+    )

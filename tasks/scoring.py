@@ -26,14 +26,15 @@ from model.scaling import Scaler
 from model.scoring import score_series
 from model.thresholds import p_values
 from tasks.adaptive_threshold import DEFAULT_GAMMA, apply_adaptive
-from tasks.alarm_tables import ensure_alarm_tables, lock_entity
+from tasks.alarm_rule import alarm_rule
+from tasks.alarm_tables import lock_entity
 from tasks.drift_monitor import check_batch, record_drift
 from tasks.errors import ModelRegistryError
 from tasks.events import EventRules, refresh_events
 from tasks.registry import LoadedModel
 from tasks.scores_store import Watermark, get_watermark, write_scores
 from tasks.validate import validate_readings
-from tasks.warehouse import get_engine, read_readings
+from tasks.warehouse import get_engine, read_readings, read_transaction
 
 log = logging.getLogger(__name__)
 TOP_SENSORS = 3
@@ -83,15 +84,14 @@ def score_rows(loaded: LoadedModel, entity: str, frame: pd.DataFrame, skip: int)
     scores, contributions = score_values(
         loaded.checkpoint, entity, frame[sensors].to_numpy(np.float64), skip
     )
-    threshold = float(extras["threshold"])
-    calibration = np.asarray(extras["calibration_scores"], dtype=np.float64)
+    rule = alarm_rule(extras, entity)
     return pd.DataFrame(
         {
             "ts": frame["ts"].iloc[skip:].to_numpy(),
             "score": scores.astype(np.float64),
-            "threshold": threshold,
-            "is_anomaly": scores > threshold,
-            "p_value": p_values(calibration, scores),
+            "threshold": rule.threshold,
+            "is_anomaly": scores > rule.threshold,
+            "p_value": p_values(rule.null_scores, scores),
             "top_sensors": top_sensors(contributions, sensors),
             "provisional": False,
         }
@@ -177,7 +177,6 @@ def _score_in_chunks(
     validate_readings(
         frame, contract, source=f"{contract.table_name} entity {entity!r}", min_rows=win
     )
-    ensure_alarm_tables(engine)
     sensors = list(loaded.checkpoint.extras["sensors"])
     scored = anomalies = 0
     step = max(chunk_rows, win)
@@ -215,7 +214,7 @@ def score_new_rows(
 ) -> EntityResult:
     """Scheduled scoring: every row after the entity's watermark; nothing new is a no-op."""
     engine = get_engine(warehouse_url)
-    with engine.connect() as conn:
+    with read_transaction(engine) as conn:
         watermark = get_watermark(conn, contract.name, entity, loaded.name)
     after = None if watermark is None else watermark.last_ts
     context = None if after is None else loaded.checkpoint.model_cfg.win_size - 1

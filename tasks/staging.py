@@ -18,8 +18,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 CHUNK_ROWS = 20_000
-_COPY_TYPES = {sa.String: "text", sa.Text: "text", sa.DateTime: "timestamp", sa.Float: "float8",
-               sa.Integer: "int4", sa.Boolean: "bool"}
+_COPY_TYPES = {
+    sa.String: "text",
+    sa.Text: "text",
+    sa.DateTime: "timestamp",
+    sa.Float: "float8",
+    sa.Integer: "int4",
+    sa.Boolean: "bool",
+}
 
 
 def dialect_insert(conn: Connection) -> Any:
@@ -57,8 +63,12 @@ def _values(conn: Connection, column: sa.Column[Any], values: pd.Series) -> list
 
 def stage_frame(conn: Connection, table: sa.Table, frame: pd.DataFrame) -> sa.Table:
     """A temporary table with ``table``'s columns holding ``frame``, written in chunks."""
-    stage = sa.Table(f"stage_{uuid.uuid4().hex[:16]}", sa.MetaData(),
-                     *(sa.Column(c.name, c.type) for c in table.columns), prefixes=["TEMPORARY"])
+    stage = sa.Table(
+        f"stage_{uuid.uuid4().hex[:16]}",
+        sa.MetaData(),
+        *(sa.Column(c.name, c.type) for c in table.columns),
+        prefixes=["TEMPORARY"],
+    )
     stage.create(conn)
     for start in range(0, len(frame), CHUNK_ROWS):
         chunk = frame.iloc[start : start + CHUNK_ROWS]

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from data_contracts.contract import check_identifier
 from tasks.scores_store import anomaly_scores, scoring_watermarks
-from tasks.warehouse import get_engine
+from tasks.warehouse import get_engine, read_transaction
 
 READINGS_SUFFIX = "_readings"
 
@@ -129,7 +129,7 @@ def model_status(tracking_uri: str, model_name: str) -> list[ModelStatus]:
 def collect_status(warehouse_url: str, tracking_uri: str, model_name: str) -> Status:
     """Rows, watermarks and alarms per entity of every source, plus champion and challenger."""
     engine = get_engine(warehouse_url)
-    with engine.connect() as conn:
+    with read_transaction(engine) as conn:
         entities = [row for source in _sources(engine) for row in _entity_rows(conn, source)]
     url = engine.url.render_as_string(hide_password=True)
     return Status(url, tuple(entities), tuple(model_status(tracking_uri, model_name)))

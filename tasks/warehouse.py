@@ -20,9 +20,11 @@ SQLite (default) and PostgreSQL (production) behave alike:
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -34,8 +36,8 @@ from prefect.cache_policies import NO_CACHE
 from sqlalchemy.engine import Connection, Engine
 
 from data_contracts.contract import Contract, check_identifier
-from tasks import scores_store
-from tasks.errors import DataContractError, WarehouseUnavailableError, retry_if_transient
+from tasks import alarm_tables, scores_store
+from tasks.errors import TRANSIENT_RETRIES, DataContractError, WarehouseUnavailableError
 from tasks.staging import dialect_insert, naive_utc, stage_frame
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
@@ -47,10 +49,12 @@ _ENGINES_LOCK = threading.Lock()
 Bind = Engine | Connection | str
 
 ingest_log = sa.Table(
-    "ingest_log", METADATA,
+    "ingest_log",
+    METADATA,
     sa.Column("source", sa.String, primary_key=True),
     sa.Column("file_sha256", sa.String, primary_key=True),
-    sa.Column("path", sa.Text, nullable=False), sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
     sa.Column("loaded_at", sa.DateTime, nullable=False),
 )
 
@@ -89,10 +93,30 @@ def _create_engine(url: str) -> Engine:
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None  # the driver emits no BEGIN: _sqlite_begin does
     cursor = dbapi_connection.cursor()
-    for pragma in (f"busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}", "journal_mode = WAL",
-                   "foreign_keys = ON", "synchronous = NORMAL"):
+    for pragma in (
+        f"busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}",
+        "foreign_keys = ON",
+        "synchronous = NORMAL",
+    ):
         cursor.execute(f"PRAGMA {pragma}")
+    _use_wal(cursor)
     cursor.close()
+
+
+def _use_wal(cursor: Any) -> None:
+    """Switch the database file to WAL once; it stays WAL for every later connection.
+
+    The switch needs the file to itself and SQLite answers "database is locked" at once instead
+    of waiting, so two processes opening a new database retry until the busy timeout.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() not in ("wal", "memory"):
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _sqlite_begin(conn: Connection) -> None:
@@ -137,14 +161,22 @@ def _transaction(bind: Bind, read_only: bool = False) -> Iterator[Connection]:
         yield conn
 
 
+def read_transaction(bind: Bind) -> AbstractContextManager[Connection]:
+    """A transaction that only reads; on SQLite it reads a snapshot and never waits for a writer."""
+    return _transaction(bind, read_only=True)
+
+
 def readings_table(contract: Contract, metadata: sa.MetaData) -> sa.Table:
     """``<name>_readings``: entity, ts (naive UTC), a float per sensor, label if labelled."""
     return sa.Table(
-        check_identifier(contract.table_name, "readings table"), metadata,
+        check_identifier(contract.table_name, "readings table"),
+        metadata,
         sa.Column("entity", sa.String, primary_key=True),
         sa.Column("ts", sa.DateTime, primary_key=True),
-        *(sa.Column(check_identifier(s.name, "sensor"), sa.Float, nullable=s.nullable)
-          for s in contract.sensors),
+        *(
+            sa.Column(check_identifier(s.name, "sensor"), sa.Float, nullable=s.nullable)
+            for s in contract.sensors
+        ),
         *([sa.Column("label", sa.Integer)] if contract.has_label else []),
     )
 
@@ -155,8 +187,8 @@ def ensure_schema(bind: Bind, contract: Contract) -> None:
     with _transaction(bind) as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
-        scores_store.METADATA.create_all(conn, checkfirst=True)
-        METADATA.create_all(conn, checkfirst=True)
+        for metadata in (scores_store.METADATA, alarm_tables.METADATA, METADATA):
+            metadata.create_all(conn, checkfirst=True)
         table.create(conn, checkfirst=True)
         probe = sa.select(sa.literal_column("*")).select_from(table).limit(0)
         stored = list(conn.execute(probe).keys())
@@ -176,8 +208,10 @@ def upsert_readings(bind: Bind, contract: Contract, frame: pd.DataFrame) -> int:
     """
     table = readings_table(contract, sa.MetaData())
     if sorted(frame.columns) != sorted(table.columns.keys()):
-        raise ValueError(f"frame columns {list(frame.columns)} differ from {table.name}'s "
-                         f"{list(table.columns.keys())}")
+        raise ValueError(
+            f"frame columns {list(frame.columns)} differ from {table.name}'s "
+            f"{list(table.columns.keys())}"
+        )
     with _transaction(bind) as conn:
         insert = dialect_insert(conn)
         stage = stage_frame(conn, table, frame)
@@ -200,16 +234,23 @@ def _refuse_contradictions(conn: Connection, table: sa.Table, stage: sa.Table) -
     examples = []
     for row in found:
         name = next(n for n in values if row[n] != row[f"stored_{n}"])
-        examples.append(f"entity={row['entity']!r} ts={row['ts']} {name}: stored "
-                        f"{row[f'stored_{name}']!r}, new {row[name]!r}")
+        examples.append(
+            f"entity={row['entity']!r} ts={row['ts']} {name}: stored "
+            f"{row[f'stored_{name}']!r}, new {row[name]!r}"
+        )
     raise DataContractError(
         f"{table.name}: rows contradict readings already stored (same entity and ts, other "
         f"values); nothing was written. Examples: {'; '.join(examples)}"
     )
 
 
-def _context(table: sa.Table, entity: str | None, start: datetime | str | None,
-             after: datetime | str | None, n: int) -> sa.Select[Any]:
+def _context(
+    table: sa.Table,
+    entity: str | None,
+    start: datetime | str | None,
+    after: datetime | str | None,
+    n: int,
+) -> sa.Select[Any]:
     """The n rows of ``entity`` just before the lower bound (``ts < start`` or ``ts <= after``)."""
     if entity is None or n < 0 or (start is not None and after is not None):
         raise ValueError("limit_before needs a count >= 0, entity and one of start or after")
@@ -224,9 +265,14 @@ def _context(table: sa.Table, entity: str | None, start: datetime | str | None,
 
 
 def read_readings(
-    bind: Bind, contract: Contract, *, entity: str | None = None,
-    start: datetime | str | None = None, end: datetime | str | None = None,
-    after: datetime | str | None = None, limit_before: int | None = None,
+    bind: Bind,
+    contract: Contract,
+    *,
+    entity: str | None = None,
+    start: datetime | str | None = None,
+    end: datetime | str | None = None,
+    after: datetime | str | None = None,
+    limit_before: int | None = None,
 ) -> pd.DataFrame:
     """Readings with ``start <= ts < end`` and ``ts > after``, sorted by (entity, ts).
 
@@ -268,16 +314,30 @@ def entity_bounds(bind: Bind, contract: Contract) -> dict[str, EntityBounds]:
     labelled: Any = sa.null()
     if contract.has_label:
         labelled = sa.func.min(sa.case((table.c.label.is_not(None), table.c.ts)))
-    query = sa.select(table.c.entity, sa.func.min(table.c.ts), sa.func.max(table.c.ts),
-                      sa.func.count(), labelled).group_by(table.c.entity).order_by(table.c.entity)
+    query = (
+        sa.select(
+            table.c.entity,
+            sa.func.min(table.c.ts),
+            sa.func.max(table.c.ts),
+            sa.func.count(),
+            labelled,
+        )
+        .group_by(table.c.entity)
+        .order_by(table.c.entity)
+    )
     with _transaction(bind, read_only=True) as conn:
         return {row[0]: EntityBounds(*row) for row in conn.execute(query)}
 
 
 def record_ingest(bind: Bind, source: str, path: str, sha256: str, rows: int) -> None:
     """Note that a file (by content hash) was loaded into ``source``; a repeat is a no-op."""
-    row = {"source": check_identifier(source, "source"), "file_sha256": sha256, "path": path,
-           "rows": rows, "loaded_at": datetime.now(UTC).replace(tzinfo=None)}
+    row = {
+        "source": check_identifier(source, "source"),
+        "file_sha256": sha256,
+        "path": path,
+        "rows": rows,
+        "loaded_at": datetime.now(UTC).replace(tzinfo=None),
+    }
     with _transaction(bind) as conn:
         conn.execute(dialect_insert(conn)(ingest_log).values(**row).on_conflict_do_nothing())
 
@@ -285,12 +345,12 @@ def record_ingest(bind: Bind, source: str, path: str, sha256: str, rows: int) ->
 def already_ingested(bind: Bind, source: str, sha256: str) -> bool:
     """Whether a file with this content hash was loaded into ``source`` before."""
     log = ingest_log.c
-    query = sa.select(log.rows).where(log.source == check_identifier(source, "source"),
-                                      log.file_sha256 == sha256)
+    query = sa.select(log.rows).where(
+        log.source == check_identifier(source, "source"), log.file_sha256 == sha256
+    )
     with _transaction(bind, read_only=True) as conn:
         return conn.execute(query).first() is not None
 
 
-_IO: dict[str, Any] = {"cache_policy": NO_CACHE, "retries": 3, "retry_delay_seconds": [2, 10, 30],
-                       "retry_condition_fn": retry_if_transient}
+_IO: dict[str, Any] = {"cache_policy": NO_CACHE, **TRANSIENT_RETRIES}
 list_entities_task = task(name="list-entities", **_IO)(list_entities)

@@ -39,7 +39,7 @@ class EntitySplit:
 
 @dataclass(frozen=True)
 class DatasetRef:
-    """A training dataset on disk: one Parquet file per entity, plus ``scalers.json`` and ``index.json``.
+    """A training dataset on disk: one Parquet file per entity, ``scalers.json``, ``index.json``.
 
     Windows are cut on the fly by the trainer from each entity's rows, so they never cross entities
     and nothing is copied 100 times on disk.
@@ -68,7 +68,9 @@ class DatasetRef:
         return values[~is_val], values[is_val]
 
 
-def training_range(frame: pd.DataFrame, contract: Contract, train_end: datetime | None) -> pd.DataFrame:
+def training_range(
+    frame: pd.DataFrame, contract: Contract, train_end: datetime | None
+) -> pd.DataFrame:
     """Rows before ``train_end``; without it, each entity's rows before its first labelled row."""
     if train_end is not None:
         return frame[frame["ts"] < pd.Timestamp(train_end)]
@@ -117,7 +119,9 @@ def build_dataset(
         scaler = Scaler.fit(values[:fit_rows])
         scalers[str(entity)] = scaler.to_dict()
         file = f"entity-{number:05d}.parquet"
-        _write_entity(out_dir / file, str(entity), rows["ts"], scaler.transform(values), sensors, fit_rows)
+        _write_entity(
+            out_dir / file, str(entity), rows["ts"], scaler.transform(values), sensors, fit_rows
+        )
         first, last = str(rows["ts"].iloc[0]), str(rows["ts"].iloc[-1])
         splits.append(EntitySplit(str(entity), file, fit_rows, val_rows, first, last))
     if not splits:
@@ -130,7 +134,9 @@ def build_dataset(
     (out_dir / "scalers.json").write_text(json.dumps(scalers))
     ref = DatasetRef(out_dir, contract.name, tuple(sensors), tuple(splits), tuple(skipped))
     (out_dir / "index.json").write_text(
-        json.dumps({"source": ref.source, "splits": [s.__dict__ for s in splits], "skipped": skipped})
+        json.dumps(
+            {"source": ref.source, "splits": [s.__dict__ for s in splits], "skipped": skipped}
+        )
     )
     return ref
 
@@ -144,7 +150,9 @@ def _write_entity(
         "ts": pa.array(ts.to_numpy()),
         "part": pa.array(part),
     }
-    columns.update({name: pa.array(scaled[:, i].astype(np.float32)) for i, name in enumerate(sensors)})
+    columns.update(
+        {name: pa.array(scaled[:, i].astype(np.float32)) for i, name in enumerate(sensors)}
+    )
     pq.write_table(pa.table(columns), path)
 
 

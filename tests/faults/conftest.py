@@ -16,7 +16,13 @@ from fault_workers import SMD, local_model, readings, save_tiny_checkpoint
 
 from tasks.scores_store import anomaly_scores, scoring_watermarks
 from tasks.scoring import score_rows
-from tasks.warehouse import ensure_schema, get_engine, read_readings, upsert_readings
+from tasks.warehouse import (
+    ensure_schema,
+    get_engine,
+    read_readings,
+    read_transaction,
+    upsert_readings,
+)
 
 ROWS = 300  # per entity: 15 score transactions of 20 rows each
 CHUNK_ROWS = 20
@@ -39,15 +45,24 @@ def loaded_warehouse(warehouse_url: str) -> str:
 
 
 def count(url: str, table: str) -> int:
-    with get_engine(url).connect() as conn:
+    """Rows in ``table``, read without waiting for a writer (SQLite: a deferred transaction)."""
+    with read_transaction(url) as conn:
         return int(conn.scalar(sa.select(sa.func.count()).select_from(sa.table(table))) or 0)
 
 
 def stored_scores(url: str) -> pd.DataFrame:
     """Every score row's key and values (not run ids or write times), sorted by key."""
     s = anomaly_scores.c
-    query = sa.select(s.entity, s.ts, s.model_version, s.score, s.threshold, s.is_anomaly,
-                      s.p_value, s.top_sensors).order_by(s.entity, s.ts)
+    query = sa.select(
+        s.entity,
+        s.ts,
+        s.model_version,
+        s.score,
+        s.threshold,
+        s.is_anomaly,
+        s.p_value,
+        s.top_sensors,
+    ).order_by(s.entity, s.ts)
     with get_engine(url).connect() as conn:
         return pd.DataFrame(conn.execute(query).all(), columns=list(query.selected_columns.keys()))
 
@@ -74,14 +89,16 @@ def assert_same_scores(found: pd.DataFrame, expected: pd.DataFrame) -> None:
     """The same keys, exactly once each; the same scores up to float rounding of batching."""
     assert not found.duplicated(["entity", "ts"]).any()
     assert list(zip(found["entity"], found["ts"], strict=True)) == list(
-        zip(expected["entity"], expected["ts"], strict=True))
+        zip(expected["entity"], expected["ts"], strict=True)
+    )
     pd.testing.assert_series_equal(found["score"], expected["score"], rtol=1e-5)
     pd.testing.assert_series_equal(found["p_value"], expected["p_value"], rtol=1e-5)
     assert (found["is_anomaly"] == expected["is_anomaly"]).all()
 
 
-def kill_once(process: Any, started: Callable[[], bool], delay: float,
-              timeout: float = 120) -> None:
+def kill_once(
+    process: Any, started: Callable[[], bool], delay: float, timeout: float = 120
+) -> None:
     """Start ``process``; once ``started()`` holds, wait ``delay`` seconds and SIGKILL it."""
     process.start()
     deadline = time.monotonic() + timeout

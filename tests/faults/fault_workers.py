@@ -7,6 +7,7 @@ the environment of the moment the server started, not the test's.
 from __future__ import annotations
 
 import multiprocessing
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -58,13 +59,21 @@ def readings(n: int, entities: tuple[str, ...] = ENTITIES, seed: int = 0) -> pd.
 def save_tiny_checkpoint(path: Path, train: pd.DataFrame) -> None:
     """A small untrained network with the extras scoring needs (scalers from ``train``)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(n_channels=len(SMD.sensor_names), win_size=20, d_model=16, n_heads=2,
-                      e_layers=1, d_ff=16)
-    scalers = {entity: Scaler.fit(part[SMD.sensor_names].to_numpy()).to_dict()
-               for entity, part in train.groupby("entity")}
-    extras = {"sensors": SMD.sensor_names, "scalers": scalers, "scoring_method": "recon_last",
-              "threshold": 1.0, "calibration_scores": [0.1, 0.5, 1.0, 2.0],
-              "calibration": {"method": "conformal", "alpha": 0.01}}
+    cfg = ModelConfig(
+        n_channels=len(SMD.sensor_names), win_size=20, d_model=16, n_heads=2, e_layers=1, d_ff=16
+    )
+    scalers = {
+        entity: Scaler.fit(part[SMD.sensor_names].to_numpy()).to_dict()
+        for entity, part in train.groupby("entity")
+    }
+    extras = {
+        "sensors": SMD.sensor_names,
+        "scalers": scalers,
+        "scoring_method": "recon_last",
+        "threshold": 1.0,
+        "calibration_scores": [0.1, 0.5, 1.0, 2.0],
+        "calibration": {"method": "conformal", "alpha": 0.01},
+    }
     save_checkpoint(path, AnomalyTransformer(cfg).eval(), cfg, extras)
 
 
@@ -74,9 +83,19 @@ def local_model(path: Path) -> LoadedModel:
     return LoadedModel(MODEL_NAME, 1, "run-1", checkpoint, checkpoint.extras)
 
 
-def score_all(url: str, checkpoint: Path, chunk_rows: int, barrier: Any = None) -> None:
+def pace_commits(url: str, seconds: float) -> None:
+    """Hold every commit on ``url`` for ``seconds``, so that a kill can land between or inside
+    transactions however fast the machine is (a kill test without it races the child's end)."""
+    if seconds > 0:
+        sa.event.listen(get_engine(url), "commit", lambda _conn: time.sleep(seconds))
+
+
+def score_all(
+    url: str, checkpoint: Path, chunk_rows: int, barrier: Any = None, pace_seconds: float = 0.0
+) -> None:
     """The scheduled scoring pass over every entity, as the scoring flow runs it."""
     torch.set_num_threads(1)
+    pace_commits(url, pace_seconds)
     loaded = local_model(checkpoint)
     if barrier is not None:
         barrier.wait()
@@ -84,16 +103,25 @@ def score_all(url: str, checkpoint: Path, chunk_rows: int, barrier: Any = None) 
         score_new_rows(url, SMD, loaded, entity, run_id="scheduled", chunk_rows=chunk_rows)
 
 
-def backfill_all(url: str, checkpoint: Path, chunk_rows: int, start: datetime | None,
-                 end: datetime | None, barrier: Any = None) -> None:
+def backfill_all(
+    url: str,
+    checkpoint: Path,
+    chunk_rows: int,
+    start: datetime | None,
+    end: datetime | None,
+    barrier: Any = None,
+    pace_seconds: float = 0.0,
+) -> None:
     """A backfill of ``start <= ts < end`` over every entity, as the backfill flow runs it."""
     torch.set_num_threads(1)
+    pace_commits(url, pace_seconds)
     loaded = local_model(checkpoint)
     if barrier is not None:
         barrier.wait()
     for entity in list_entities(url, SMD):
-        backfill_range(url, SMD, loaded, entity, start=start, end=end, run_id="backfill",
-                       chunk_rows=chunk_rows)
+        backfill_range(
+            url, SMD, loaded, entity, start=start, end=end, run_id="backfill", chunk_rows=chunk_rows
+        )
 
 
 def ingest_file(url: str, path: Path, staging: Any = None, barrier: Any = None) -> None:
@@ -109,4 +137,5 @@ def _signal_on_stage(event: Any) -> Any:
     def listener(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         if statement.lstrip().upper().startswith("CREATE TEMPORARY TABLE"):
             event.set()
+
     return listener

@@ -30,8 +30,9 @@ def test_two_scoring_runs_at_once_equal_one(loaded_warehouse: str, checkpoint: P
     assert watermarks(url) == {"machine-1": pd.Timestamp(readings(ROWS)["ts"].max())}
 
 
-def test_two_overlapping_backfills_at_once_equal_one(loaded_warehouse: str,
-                                                     checkpoint: Path) -> None:
+def test_two_overlapping_backfills_at_once_equal_one(
+    loaded_warehouse: str, checkpoint: Path
+) -> None:
     url = loaded_warehouse
     a, b, c = (pd.Timestamp(f"2024-01-01 0{h}:00").to_pydatetime() for h in (1, 2, 4))
     first, second = (url, checkpoint, CHUNK_ROWS, a, c), (url, checkpoint, CHUNK_ROWS, b, c)

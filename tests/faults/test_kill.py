@@ -21,6 +21,7 @@ from fault_workers import SMD, backfill_all, fork_server, ingest_file, readings,
 from tasks.warehouse import read_readings
 
 CONTEXT = fork_server()
+PACE_SECONDS = 0.05  # each commit of a child to be killed waits this long
 
 
 def assert_consistent(url: str) -> None:
@@ -38,7 +39,11 @@ def test_scoring_killed_mid_write_then_rerun_scores_each_row_once(
     url, rng = loaded_warehouse, random.Random()
     for low, high in ((1, ROWS - 2 * CHUNK_ROWS),):  # killed at a random row
         target = rng.randint(low, high)
-        child = CONTEXT.Process(target=score_all, args=(url, checkpoint, CHUNK_ROWS))
+        child = CONTEXT.Process(
+            target=score_all,
+            args=(url, checkpoint, CHUNK_ROWS),
+            kwargs={"pace_seconds": PACE_SECONDS},
+        )
         kill_once(child, lambda t=target: count(url, "anomaly_scores") >= t, rng.uniform(0, 0.01))
         assert target <= count(url, "anomaly_scores") < ROWS
         assert_consistent(url)
@@ -53,7 +58,7 @@ def test_backfill_killed_mid_write_then_rerun_gives_a_clean_backfill(
     url = loaded_warehouse
     start, end = pd.Timestamp("2024-01-01 01:00"), pd.Timestamp("2024-01-01 04:00")
     args = (url, checkpoint, CHUNK_ROWS, start.to_pydatetime(), end.to_pydatetime())
-    child = CONTEXT.Process(target=backfill_all, args=args)
+    child = CONTEXT.Process(target=backfill_all, args=args, kwargs={"pace_seconds": PACE_SECONDS})
     target = random.randint(1, 120)
     kill_once(child, lambda: count(url, "anomaly_scores") >= target, random.uniform(0, 0.01))
     assert 0 < count(url, "anomaly_scores") < 180 and watermarks(url) == {}

@@ -25,8 +25,14 @@ def test_outages_are_transient_and_refusals_are_not() -> None:
     lost = sa.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
     assert is_transient(locked) and is_transient(lost) and is_transient(ConnectionResetError())
     assert is_transient(WarehouseUnavailableError("down"))
-    for error in (no_table, DataContractError("bad"), ModelRegistryError("altered"),
-                  FileNotFoundError("x"), sa.exc.IntegrityError("INSERT", {}, Exception()), None):
+    for error in (
+        no_table,
+        DataContractError("bad"),
+        ModelRegistryError("altered"),
+        FileNotFoundError("x"),
+        sa.exc.IntegrityError("INSERT", {}, Exception()),
+        None,
+    ):
         assert not is_transient(error)
     wrapped = ModelRegistryError("refused")
     wrapped.__cause__ = ConnectionResetError()

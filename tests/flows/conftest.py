@@ -37,7 +37,11 @@ def atp_env(tmp_path: Path, warehouse_url: str, monkeypatch: pytest.MonkeyPatch)
 def _write_machine(root: Path, name: str, rng: np.random.Generator) -> None:
     t = np.arange(TRAIN_ROWS + TEST_ROWS)
     phases = rng.uniform(0, 2 * np.pi, N_SENSORS)
-    values = 0.5 + 0.3 * np.sin(2 * np.pi * t[:, None] / 50 + phases) + rng.normal(0, 0.02, (t.size, N_SENSORS))
+    values = (
+        0.5
+        + 0.3 * np.sin(2 * np.pi * t[:, None] / 50 + phases)
+        + rng.normal(0, 0.02, (t.size, N_SENSORS))
+    )
     labels = np.zeros(TEST_ROWS, dtype=int)
     labels[120:140] = 1
     values[TRAIN_ROWS + 120 : TRAIN_ROWS + 140, :5] += 0.4

@@ -31,7 +31,9 @@ def _scores(url: str) -> pd.DataFrame:
         return pd.read_sql(sa.text(query), conn)
 
 
-def test_ingest_train_score_backfill(atp_env: str, smd_folder: Path, tiny_training: TrainFlowParams) -> None:
+def test_ingest_train_score_backfill(
+    atp_env: str, smd_folder: Path, tiny_training: TrainFlowParams
+) -> None:
     first = ingest_flow(str(smd_folder), kind="smd")
     again = ingest_flow(str(smd_folder), kind="smd")
     assert first.rows_new == first.rows_read == 1000
@@ -90,7 +92,9 @@ BAD_EDITS = {
     "nan": lambda f: f.assign(m03=f["m03"].where(f.index != 5)),
     "missing column": lambda f: f.drop(columns=["m07"]),
     "duplicate timestamps": lambda f: pd.concat([f, f.iloc[[3]]]),
-    "text in numeric column": lambda f: f.assign(m01=f["m01"].astype(str).where(f.index != 2, "high")),
+    "text in numeric column": lambda f: f.assign(
+        m01=f["m01"].astype(str).where(f.index != 2, "high")
+    ),
 }
 
 
@@ -101,9 +105,11 @@ def test_bad_file_fails_validation_and_writes_nothing(
     ingest_flow(str(smd_folder), kind="smd")
     before = _count(atp_env, "smd_readings")
     frame = read_smd(smd_folder).frame
-    fresh = frame[frame["entity"] == "machine-9-1"].assign(
-        ts=lambda f: f["ts"] + pd.Timedelta(days=30)
-    ).reset_index(drop=True)
+    fresh = (
+        frame[frame["entity"] == "machine-9-1"]
+        .assign(ts=lambda f: f["ts"] + pd.Timedelta(days=30))
+        .reset_index(drop=True)
+    )
     path = tmp_path / "bad.csv"
     BAD_EDITS[defect](fresh).to_csv(path, index=False)
     with pytest.raises(DataContractError):

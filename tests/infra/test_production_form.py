@@ -31,7 +31,6 @@ from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary
 
 from data_contracts import load_contract
 from flows.params import CalibrationParams, ModelParams, TrainFlowParams, TrainingParams
-from tasks.alarm_tables import ensure_alarm_tables
 from tasks.load import ingest_smd
 from tasks.warehouse import upsert_readings
 from tests.infra.support import (
@@ -187,15 +186,8 @@ def write_smd(root: Path) -> None:
 
 
 def bootstrap_as_owner(roles: Roles, smd: Path) -> None:
-    """The owner creates every table and loads the history; scoring and training create nothing.
-
-    ``ingest`` creates the readings, scores and watermarks tables; the alarm tables are created
-    here too until ``ensure_schema`` does it, since the scoring role may not create tables.
-    """
+    """The owner creates every table and loads the history; scoring and training create nothing."""
     ingest_smd(roles.url_for("owner"), smd)
-    owner = roles.engine("owner")
-    ensure_alarm_tables(owner)
-    owner.dispose()
 
 
 def append_readings(owner: sa.Engine, entity: str, n: int) -> None:

@@ -67,7 +67,10 @@ def test_phase_losses_have_the_reference_values(
 def _grads(loss: torch.Tensor, model: AnomalyTransformer) -> dict[str, torch.Tensor]:
     names, params = zip(*model.named_parameters(), strict=True)
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return {n: torch.zeros_like(p) if g is None else g for n, p, g in zip(names, params, grads)}
+    return {
+        n: torch.zeros_like(p) if g is None else g
+        for n, p, g in zip(names, params, grads, strict=True)
+    }
 
 
 def _rows(grads: dict[str, torch.Tensor], layer: int, part: str, cfg: ModelConfig) -> torch.Tensor:

@@ -197,7 +197,7 @@ def _vus_by_definition(labels, scores, max_window: int, n_thresholds: int) -> tu
     """Direct, loop-based transcription of the VUS "opt" definition, for cross-checking."""
     labels, scores = np.asarray(labels, dtype=bool), np.asarray(scores, dtype=float)
     n, positives = labels.size, labels.sum()
-    segments = list(zip(*anomaly_segments(labels)))
+    segments = list(zip(*anomaly_segments(labels), strict=True))
     descending = np.sort(scores)[::-1]
     thresholds = [descending[int(i)] for i in np.linspace(0, n - 1, n_thresholds)]
     aps, rocs = [], []
@@ -227,7 +227,7 @@ def _vus_by_definition(labels, scores, max_window: int, n_thresholds: int) -> tu
             fprs.append((flagged.sum() - tp) / (n - p_new))
             precisions.append(tp / flagged.sum())
         steps = np.diff(tprs, prepend=0.0)
-        aps.append(sum(step * precision for step, precision in zip(steps, precisions)))
+        aps.append(sum(step * precision for step, precision in zip(steps, precisions, strict=True)))
         xs, ys = [0.0, *fprs, 1.0], [0.0, *tprs, 1.0]
         rocs.append(sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1)))
     return float(np.mean(aps)), float(np.mean(rocs))
@@ -384,7 +384,7 @@ def test_adjustment_properties(case) -> None:
     curve = [pa_k_f1(labels, predictions, k) for k in (0, 25, 50, 75, 100)]
     assert curve[0] == pytest.approx(pa_f1(labels, predictions))
     assert curve[-1] == pytest.approx(point_metrics(labels, predictions)["f1"])
-    assert all(a >= b - 1e-12 for a, b in zip(curve, curve[1:]))
+    assert all(a >= b - 1e-12 for a, b in zip(curve, curve[1:], strict=False))
     assert 0.0 <= pa_k_auc(labels, predictions) <= 1.0
     assert 0.0 <= event_recall(labels, predictions) <= 1.0
     assert 0 <= false_alarm_events(labels, predictions) <= int(predictions.sum())

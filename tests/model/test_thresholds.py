@@ -107,7 +107,7 @@ def test_fit_gpd_recovers_known_parameters(shape: float, scale: float) -> None:
     ("sample", "q", "true_quantile"),
     [
         (lambda u: -np.log(u), 1e-4, -math.log(1e-4)),  # exponential: GPD tail with shape 0
-        (lambda u: u ** -0.5, 1e-4, 1e-4**-0.5),  # Pareto with tail index 2: GPD shape 0.5
+        (lambda u: u**-0.5, 1e-4, 1e-4**-0.5),  # Pareto with tail index 2: GPD shape 0.5
     ],
 )
 def test_pot_threshold_extrapolates_the_tail(sample, q: float, true_quantile: float) -> None:

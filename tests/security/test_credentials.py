@@ -33,7 +33,9 @@ def readings(n: int = 150) -> pd.DataFrame:
 
 @pytest.mark.postgres
 def test_the_password_is_never_logged_or_shown(
-    postgres_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    postgres_url: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     url = sa.make_url(postgres_url).set(password=PASSWORD).render_as_string(hide_password=False)
@@ -46,6 +48,12 @@ def test_the_password_is_never_logged_or_shown(
     dead = url.replace(f":{sa.make_url(url).port}/", ":9/")
     with pytest.raises(WarehouseUnavailableError) as caught:
         list_entities(dead, SMD)
-    shown = [caplog.text, *capsys.readouterr(), repr(summary), str(caught.value),
-             repr(get_engine(url)), redacted_url(url)]
+    shown = [
+        caplog.text,
+        *capsys.readouterr(),
+        repr(summary),
+        str(caught.value),
+        repr(get_engine(url)),
+        redacted_url(url),
+    ]
     assert summary.rows_new == 300 and all(PASSWORD not in text for text in shown)

@@ -18,8 +18,9 @@ class Payload:
         return os.system, ("touch PWNED",)
 
 
-def test_a_checkpoint_with_a_pickled_object_is_refused(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_checkpoint_with_a_pickled_object_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pt"
     torch.save({"format": "anomaly-transformer-checkpoint/1", "extras_json": Payload()}, path)

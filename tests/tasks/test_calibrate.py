@@ -13,11 +13,18 @@ from data_contracts import Contract, load_contract
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.network import AnomalyTransformer
-from model.thresholds import conformal_threshold, leaky_reference_threshold, pot_threshold
+from model.thresholds import (
+    conformal_threshold,
+    leaky_reference_threshold,
+    p_values,
+    pot_threshold,
+)
+from tasks.alarm_rule import alarm_rule
 from tasks.calibrate import calibrate, fit_thresholds, labelled_range_scores, training_range_scores
 from tasks.errors import DataContractError
-from tasks.evaluate import entity_threshold
-from tasks.warehouse import ensure_schema, get_engine, upsert_readings
+from tasks.registry import LoadedModel
+from tasks.scoring import score_rows
+from tasks.warehouse import ensure_schema, get_engine, read_readings, upsert_readings
 from tasks.windowing import DatasetRef, build_dataset
 
 WIN = 10
@@ -81,7 +88,9 @@ def test_conformal_per_entity_keeps_global_keys_and_adds_entity_keys(setup, tmp_
     for entity in ("a", "b"):
         own = extras["entity_calibration_scores"][entity]
         assert extras["thresholds"][entity] == pytest.approx(conformal_threshold(own, 0.02))
-        assert entity_threshold(extras, entity) == extras["thresholds"][entity]
+        rule = alarm_rule(extras, entity)
+        assert rule.threshold == extras["thresholds"][entity] and rule.alpha == 0.02
+        np.testing.assert_array_equal(rule.null_scores, own)
     assert extras["thresholds"]["a"] < extras["thresholds"]["b"]
     assert extras["calibration"] == {
         "method": "conformal",
@@ -97,7 +106,9 @@ def test_global_scope_writes_no_entity_keys(setup, tmp_path: Path) -> None:
     result = calibrate(trained, dataset, tmp_path / "m.ckpt", method="quantile", alpha=0.05)
     extras = load_checkpoint(result.checkpoint).extras
     assert "thresholds" not in extras and "entity_calibration_scores" not in extras
-    assert entity_threshold(extras, "a") == result.threshold == extras["threshold"]
+    rule = alarm_rule(extras, "a")
+    assert rule.threshold == result.threshold == extras["threshold"]
+    np.testing.assert_array_equal(rule.null_scores, extras["calibration_scores"])
     assert result.label == "quantile" and not result.leaks_test_data
 
 
@@ -146,3 +157,19 @@ def test_too_few_scores_name_the_entity(method: str, rule: str) -> None:
         DataContractError, match=f"src entity 'tiny'.*{rule}|{rule}.*src entity 'tiny'"
     ):
         fit_thresholds(method, 0.005, held_out, {}, "entity", "src")
+
+
+def test_scores_use_the_entity_rule_when_calibrated_per_entity(setup, tmp_path: Path) -> None:
+    url, contract, dataset, trained = setup
+    result = calibrate(trained, dataset, tmp_path / "m.ckpt", alpha=0.02, scope="entity")
+    checkpoint = load_checkpoint(result.checkpoint)
+    loaded = LoadedModel("m", 1, "run", checkpoint, checkpoint.extras)
+    readings = read_readings(url, contract)
+    for entity in ("a", "b"):
+        frame = readings[readings["entity"] == entity].reset_index(drop=True)
+        rows = score_rows(loaded, entity, frame, WIN)
+        own = checkpoint.extras["thresholds"][entity]
+        assert (rows["threshold"] == own).all()
+        assert (rows["is_anomaly"] == (rows["score"] > own)).all()
+        null = np.asarray(checkpoint.extras["entity_calibration_scores"][entity])
+        np.testing.assert_allclose(rows["p_value"], p_values(null, rows["score"].to_numpy()))

@@ -7,14 +7,15 @@ from datetime import datetime
 import numpy as np
 import pandas as pd
 
+from data_contracts import load_contract
 from model.adaptive import AciState, aci_scores
 from model.drift import TrainingProfile
 from tasks.adaptive_threshold import apply_adaptive
-from tasks.alarm_tables import ensure_alarm_tables
 from tasks.drift_monitor import NO_PROFILE, check_batch, latest_drift, record_drift
 from tasks.scores_store import Watermark
-from tasks.warehouse import get_engine
+from tasks.warehouse import ensure_schema, get_engine
 
+SMD = load_contract("smd")
 SENSORS = ["a", "b", "c"]
 RNG = np.random.default_rng(0)
 TRAIN = RNG.normal(size=(2000, 3))
@@ -53,8 +54,8 @@ def _mark(entity: str, last: str, version: str = "1") -> Watermark:
 def test_latest_drift_is_the_newest_batch_per_entity(warehouse_url: str) -> None:
     assert latest_drift(warehouse_url) == []
     engine = get_engine(warehouse_url)
-    ensure_alarm_tables(engine)
-    ensure_alarm_tables(engine)
+    ensure_schema(engine, SMD)
+    ensure_schema(engine, SMD)  # a second call changes nothing
     values, scores = RNG.normal(size=(50, 3)), RNG.normal(size=50)
     calm = check_batch(_extras(), "e1", values, scores)
     loud = check_batch(_extras(), "e1", values, scores + 5)
@@ -91,7 +92,7 @@ def _rows(start: int, n: int, scores: np.ndarray) -> pd.DataFrame:
 
 def test_adaptive_state_advances_once_per_point(warehouse_url: str) -> None:
     engine = get_engine(warehouse_url)
-    ensure_alarm_tables(engine)
+    ensure_schema(engine, SMD)
     scores = np.concatenate([RNG.normal(size=300), RNG.normal(size=300) + 1.5])
     flagged = []
     for start, n in ((0, 250), (200, 250), (450, 150), (100, 50)):  # overlaps: already covered

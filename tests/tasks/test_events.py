@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from data_contracts.contract import load_contract
-from tasks.alarm_tables import anomaly_events, ensure_alarm_tables, lock_entity
+from tasks.alarm_tables import anomaly_events, lock_entity
 from tasks.events import EventRules, derive_events, event_top_sensors, list_events, refresh_events
 from tasks.scores_store import Watermark, write_scores
 from tasks.warehouse import ensure_schema, get_engine
@@ -90,7 +90,6 @@ def _assert_same(stored: pd.DataFrame, expected: pd.DataFrame) -> None:
 @pytest.fixture
 def url(warehouse_url: str) -> str:
     ensure_schema(warehouse_url, load_contract("smd"))
-    ensure_alarm_tables(get_engine(warehouse_url))
     return warehouse_url
 
 

@@ -44,11 +44,16 @@ def write_smd(root: Path, files: dict[str, str | bytes], name: str = "machine-9-
     return root
 
 
-def good_machine(train: str | bytes | None = None, test: str | bytes | None = None,
-                 labels: str | bytes = "0\n1\n0\n") -> dict[str, str | bytes]:
-    return {"train/.txt.gz": smd_lines(4) if train is None else train,
-            "test/.txt.gz": smd_lines(3, 0.5) if test is None else test,
-            "test_label/.txt": labels}
+def good_machine(
+    train: str | bytes | None = None,
+    test: str | bytes | None = None,
+    labels: str | bytes = "0\n1\n0\n",
+) -> dict[str, str | bytes]:
+    return {
+        "train/.txt.gz": smd_lines(4) if train is None else train,
+        "test/.txt.gz": smd_lines(3, 0.5) if test is None else test,
+        "test_label/.txt": labels,
+    }
 
 
 def test_sample_is_one_minute_series_per_machine_with_test_labels() -> None:
@@ -96,32 +101,54 @@ def truncated_gzip() -> bytes:
 
 
 BROKEN = {
-    "ragged row": (good_machine(train=smd_lines(2) + "1,2,3\n"),
-                   r"train/machine-9-1\.txt\.gz: line 3 has 3 values, expected 38: '1,2,3'"),
-    "blank line": (good_machine(test=smd_lines(1) + "\n" + smd_lines(1)),
-                   r"test/machine-9-1\.txt\.gz: line 2 has 1 values"),
-    "text value": (good_machine(test=smd_lines(1) + "abc" + smd_lines(1)[1:] + smd_lines(1)),
-                   r"test/machine-9-1\.txt\.gz: line 2, value 1 is not a number: 'abc"),
-    "nan value": (good_machine(train="nan" + smd_lines(1)[1:]),
-                  r"train/machine-9-1\.txt\.gz: line 1, value 1 is not a number: 'nan'"),
-    "label length": (good_machine(labels="0\n1\n"),
-                     r"test_label/machine-9-1\.txt: 2 labels, but .*/test/machine-9-1\.txt\.gz "
-                     "has 3 rows"),
-    "label value": (good_machine(labels="0\n2\n0\n"),
-                    r"test_label/machine-9-1\.txt: line 2 is not a 0/1 label: '2'"),
-    "truncated gzip": (good_machine(train=truncated_gzip()),
-                       r"train/machine-9-1\.txt\.gz: truncated or corrupt gzip"),
-    "plain text named .gz": (good_machine(test=smd_lines(3).encode()),
-                             r"test/machine-9-1\.txt\.gz: named \.gz but is not gzip"),
-    "gzip named .txt": (good_machine(labels=gzip.compress(b"0\n1\n0\n")),
-                        r"test_label/machine-9-1\.txt: gzip data in a file not named \.gz"),
+    "ragged row": (
+        good_machine(train=smd_lines(2) + "1,2,3\n"),
+        r"train/machine-9-1\.txt\.gz: line 3 has 3 values, expected 38: '1,2,3'",
+    ),
+    "blank line": (
+        good_machine(test=smd_lines(1) + "\n" + smd_lines(1)),
+        r"test/machine-9-1\.txt\.gz: line 2 has 1 values",
+    ),
+    "text value": (
+        good_machine(test=smd_lines(1) + "abc" + smd_lines(1)[1:] + smd_lines(1)),
+        r"test/machine-9-1\.txt\.gz: line 2, value 1 is not a number: 'abc",
+    ),
+    "nan value": (
+        good_machine(train="nan" + smd_lines(1)[1:]),
+        r"train/machine-9-1\.txt\.gz: line 1, value 1 is not a number: 'nan'",
+    ),
+    "label length": (
+        good_machine(labels="0\n1\n"),
+        r"test_label/machine-9-1\.txt: 2 labels, but .*/test/machine-9-1\.txt\.gz "
+        "has 3 rows",
+    ),
+    "label value": (
+        good_machine(labels="0\n2\n0\n"),
+        r"test_label/machine-9-1\.txt: line 2 is not a 0/1 label: '2'",
+    ),
+    "truncated gzip": (
+        good_machine(train=truncated_gzip()),
+        r"train/machine-9-1\.txt\.gz: truncated or corrupt gzip",
+    ),
+    "plain text named .gz": (
+        good_machine(test=smd_lines(3).encode()),
+        r"test/machine-9-1\.txt\.gz: named \.gz but is not gzip",
+    ),
+    "gzip named .txt": (
+        good_machine(labels=gzip.compress(b"0\n1\n0\n")),
+        r"test_label/machine-9-1\.txt: gzip data in a file not named \.gz",
+    ),
     "empty file": (good_machine(train=b""), r"train/machine-9-1\.txt\.gz: named \.gz but is not"),
     "empty text": (good_machine(train=""), r"train/machine-9-1\.txt\.gz: empty file"),
     "binary": (good_machine(labels=b"0\n\x00\x01\n"), r"test_label/machine-9-1\.txt: binary data"),
-    "test missing": ({"train/.txt.gz": smd_lines(3), "test_label/.txt": "0\n"},
-                     r"machine-9-1: found .* but no test file"),
-    "labels missing": ({"train/.txt.gz": smd_lines(3), "test/.txt.gz": smd_lines(3)},
-                       r"machine-9-1: found .* but no test_label file"),
+    "test missing": (
+        {"train/.txt.gz": smd_lines(3), "test_label/.txt": "0\n"},
+        r"machine-9-1: found .* but no test file",
+    ),
+    "labels missing": (
+        {"train/.txt.gz": smd_lines(3), "test/.txt.gz": smd_lines(3)},
+        r"machine-9-1: found .* but no test_label file",
+    ),
 }
 
 
@@ -152,12 +179,16 @@ def test_smd_with_no_data_at_all_is_an_error(tmp_path: Path) -> None:
 CSV = "entity,ts,m01,m02\n007,2024-01-01T00:00:00Z,0.5,1\n007,2024-01-01T00:01:00Z,0.25,2\n"
 
 
-@pytest.mark.parametrize("name, content", [
-    ("a.csv", CSV.encode()),
-    ("a.csv", CSV.replace(",", ";").encode()),
-    ("a.csv", ("\ufeff" + CSV).encode()),
-    ("a.csv.gz", gzip.compress(CSV.encode())),
-], ids=["comma", "semicolon", "bom", "gzip"])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("a.csv", CSV.encode()),
+        ("a.csv", CSV.replace(",", ";").encode()),
+        ("a.csv", ("\ufeff" + CSV).encode()),
+        ("a.csv.gz", gzip.compress(CSV.encode())),
+    ],
+    ids=["comma", "semicolon", "bom", "gzip"],
+)
 def test_csv_is_read_as_written(tmp_path: Path, name: str, content: bytes) -> None:
     path = tmp_path / name
     path.write_bytes(content)
@@ -169,8 +200,9 @@ def test_csv_is_read_as_written(tmp_path: Path, name: str, content: bytes) -> No
 
 
 def test_parquet_is_read_as_written(tmp_path: Path) -> None:
-    expected = pd.DataFrame({"entity": ["a", "b"], "ts": pd.to_datetime(["2024-01-01"] * 2),
-                             "m01": [0.5, 0.25]})
+    expected = pd.DataFrame(
+        {"entity": ["a", "b"], "ts": pd.to_datetime(["2024-01-01"] * 2), "m01": [0.5, 0.25]}
+    )
     expected.to_parquet(tmp_path / "a.parquet")
     pd.testing.assert_frame_equal(read_table(tmp_path / "a.parquet", SMD), expected)
 
@@ -196,8 +228,9 @@ BAD_TABLES = {
 
 
 @pytest.mark.parametrize("name, content, message", BAD_TABLES.values(), ids=BAD_TABLES.keys())
-def test_bad_tables_raise_naming_the_file(tmp_path: Path, name: str, content: bytes,
-                                          message: str) -> None:
+def test_bad_tables_raise_naming_the_file(
+    tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(IngestError, match=message) as raised:

@@ -22,7 +22,7 @@ from model.config import ModelConfig
 from model.network import AnomalyTransformer
 from model.scaling import Scaler
 from model.scoring import score_series
-from tasks.errors import DataContractError, ModelRegistryError
+from tasks.errors import DataContractError, ModelRegistryError, is_transient, retry_if_transient
 from tasks.registry import (
     CHALLENGER,
     CHAMPION,
@@ -31,11 +31,9 @@ from tasks.registry import (
     configure_tracking,
     flatten_params,
     get_alias_version,
-    is_transient,
     load_model_version,
     log_and_register,
     promote,
-    retry_transient,
     set_alias,
 )
 
@@ -209,9 +207,7 @@ def test_pyfunc_loads_by_alias_and_predicts_float32_readings(
         pyfunc.predict(frame.astype(np.float64), params={"entity": "e2"})
 
 
-def test_pyfunc_loads_without_the_project_on_the_path(
-    artifact_root: Path, tmp_path: Path
-) -> None:
+def test_pyfunc_loads_without_the_project_on_the_path(artifact_root: Path, tmp_path: Path) -> None:
     register(tmp_path, 1)
     promote(NAME)
     script = (
@@ -341,5 +337,5 @@ def test_only_transient_io_failures_are_retried() -> None:
     invalid = MlflowException("x", INVALID_PARAMETER_VALUE)
     deliberate = (refusal, DataContractError("bad"), ValueError(), invalid)
     assert not any(is_transient(e) for e in deliberate)
-    assert retry_transient(None, None, Failed(data=ConnectionError()))
-    assert not retry_transient(None, None, Failed(data=ModelRegistryError("no alias")))
+    assert retry_if_transient(None, None, Failed(data=ConnectionError()))
+    assert not retry_if_transient(None, None, Failed(data=ModelRegistryError("no alias")))

@@ -25,12 +25,14 @@ SOURCE = "data/machine.csv"
 def readings(contract: Contract = SMALL, rows: int = 20) -> pd.DataFrame:
     rng = np.random.default_rng(7)
     parts = [
-        pd.DataFrame({
-            "entity": entity,
-            "ts": pd.date_range("2020-01-01", periods=rows, freq="min"),
-            **{name: rng.uniform(0.0, 1.0, rows) for name in contract.sensor_names},
-            "label": rng.integers(0, 2, rows),
-        })
+        pd.DataFrame(
+            {
+                "entity": entity,
+                "ts": pd.date_range("2020-01-01", periods=rows, freq="min"),
+                **{name: rng.uniform(0.0, 1.0, rows) for name in contract.sensor_names},
+                "label": rng.integers(0, 2, rows),
+            }
+        )
         for entity in ("m-1", "m-2")
     ]
     return pd.concat(parts, ignore_index=True)
@@ -87,16 +89,32 @@ CASES = {
     "inf": (_set(4, "m01", np.inf), "finite_values", "m01", "('m-1', 2020-01-01 00:04:00, inf)"),
     "range": (_set(5, "m03", 1e6), "expect_column_values_to_be_between", "m03", "1000000.0)"),
     "missing": (lambda f: f.drop(columns="m02"), "expect_column_to_exist", "m02", "affected: 40"),
-    "extra": (lambda f: f.assign(pressure=1.0), "expect_table_columns_to_match_set", None,
-              "['pressure']"),
+    "extra": (
+        lambda f: f.assign(pressure=1.0),
+        "expect_table_columns_to_match_set",
+        None,
+        "['pressure']",
+    ),
     "text": (_text_column, "expect_column_values_to_be_in_type_list", "m01", "00:02:00, 'n/a')"),
     "mixed": (_set(6, "m01", "oops"), "expect_column_values_to_be_in_type_list", "m01", "'oops')"),
-    "dup": (_set(7, "ts", pd.Timestamp("2020-01-01 00:06")), "unique_timestamps_per_entity", "ts",
-            "('m-1', 2020-01-01 00:06:00, 2020-01-01 00:06:00)"),
-    "decreasing": (_swap_ts, "increasing_timestamps_per_entity", "ts",
-                   "('m-1', 2020-01-01 00:08:00"),
-    "aware": (lambda f: f.assign(ts=f["ts"].dt.tz_localize("UTC")), "timestamp_timezone", "ts",
-              "2020-01-01 00:00:00+00:00"),
+    "dup": (
+        _set(7, "ts", pd.Timestamp("2020-01-01 00:06")),
+        "unique_timestamps_per_entity",
+        "ts",
+        "('m-1', 2020-01-01 00:06:00, 2020-01-01 00:06:00)",
+    ),
+    "decreasing": (
+        _swap_ts,
+        "increasing_timestamps_per_entity",
+        "ts",
+        "('m-1', 2020-01-01 00:08:00",
+    ),
+    "aware": (
+        lambda f: f.assign(ts=f["ts"].dt.tz_localize("UTC")),
+        "timestamp_timezone",
+        "ts",
+        "2020-01-01 00:00:00+00:00",
+    ),
     "label": (_set(1, "label", 2), "expect_column_values_to_be_in_set", "label", "00:01:00, 2)"),
     "empty": (lambda f: f.iloc[:0], "expect_table_row_count_to_be_between", None, "required: 0"),
 }
@@ -164,19 +182,31 @@ def test_validation_writes_nothing_back() -> None:
 
 # --- coerce_readings: source names and text timestamps to the warehouse form --------------------
 
-PLANT = contract_from_dict({
-    "name": "plant", "version": 2, "entity_column": "machine", "timestamp_column": "time",
-    "label_column": "anomaly", "timestamp_timezone": "aware", "min_rows_per_entity": 2,
-    "sensors": {"columns": ["temp", {"name": "flow", "nullable": True}]},
-})
+PLANT = contract_from_dict(
+    {
+        "name": "plant",
+        "version": 2,
+        "entity_column": "machine",
+        "timestamp_column": "time",
+        "label_column": "anomaly",
+        "timestamp_timezone": "aware",
+        "min_rows_per_entity": 2,
+        "sensors": {"columns": ["temp", {"name": "flow", "nullable": True}]},
+    }
+)
 
 
 def plant_source(times: list[str]) -> pd.DataFrame:
     rows = len(times)
-    return pd.DataFrame({
-        "flow": [1.0] * rows, "anomaly": [0] * rows, "time": times,
-        "machine": ["p1"] * rows, "temp": np.linspace(0, 1, rows),
-    })
+    return pd.DataFrame(
+        {
+            "flow": [1.0] * rows,
+            "anomaly": [0] * rows,
+            "time": times,
+            "machine": ["p1"] * rows,
+            "temp": np.linspace(0, 1, rows),
+        }
+    )
 
 
 def coerce_report(frame: pd.DataFrame, contract: Contract = PLANT) -> str:
@@ -189,8 +219,11 @@ def test_coerce_renames_orders_and_converts_to_naive_utc() -> None:
     times = ["2024-03-31T00:30:00+01:00", "2024-03-31T03:30:00+02:00", "2024-03-31T02:00:00Z"]
     out = coerce_readings(plant_source(times), PLANT, source="plant.csv")
     assert list(out.columns) == ["entity", "ts", "temp", "flow", "label"]
-    assert list(out["ts"]) == [pd.Timestamp("2024-03-30 23:30"), pd.Timestamp("2024-03-31 01:30"),
-                               pd.Timestamp("2024-03-31 02:00")]
+    assert list(out["ts"]) == [
+        pd.Timestamp("2024-03-30 23:30"),
+        pd.Timestamp("2024-03-31 01:30"),
+        pd.Timestamp("2024-03-31 02:00"),
+    ]
     assert validate_readings(out, PLANT, source="plant.csv").rows == 3
 
 
@@ -225,8 +258,14 @@ def test_coerce_reports_aware_text_for_a_naive_contract_and_numbers() -> None:
 
 def test_coerce_columns() -> None:
     source = plant_source(["2024-01-01T00:00:00Z", "2024-01-01T00:01:00Z"])
-    assert list(coerce_readings(source.assign(x=1), PLANT, source="p")
-                .columns) == ["entity", "ts", "temp", "flow", "label", "x"]
+    assert list(coerce_readings(source.assign(x=1), PLANT, source="p").columns) == [
+        "entity",
+        "ts",
+        "temp",
+        "flow",
+        "label",
+        "x",
+    ]
     ignoring = dataclasses.replace(PLANT, extra_columns="ignore")
     assert "x" not in coerce_readings(source.assign(x=1), ignoring, source="p").columns
     line = line_of(coerce_report(source.assign(entity="p2")), "unique_column_names", None)
@@ -238,7 +277,9 @@ def test_coerce_columns() -> None:
 # --- property: random frames give a report or a contract error, never another exception --------
 
 CELLS = st.one_of(
-    st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3), st.none(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-3, 3),
+    st.none(),
     st.sampled_from(["n/a", "1.5", "", "inf"]),
 )
 TIMES = st.one_of(

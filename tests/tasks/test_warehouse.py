@@ -16,21 +16,43 @@ from prefect.states import Failed
 from data_contracts.contract import Contract, SensorRule, load_contract
 from tasks.errors import DataContractError
 from tasks.scores_store import (
-    Watermark, anomaly_scores, get_watermark, scoring_watermarks, write_scores,
+    Watermark,
+    anomaly_scores,
+    get_watermark,
+    scoring_watermarks,
+    write_scores,
 )
 from tasks.warehouse import (
-    already_ingested, ensure_schema, entity_bounds, get_engine, list_entities, list_entities_task,
-    read_readings, readings_table, record_ingest, upsert_readings,
+    already_ingested,
+    ensure_schema,
+    entity_bounds,
+    get_engine,
+    list_entities,
+    list_entities_task,
+    read_readings,
+    readings_table,
+    record_ingest,
+    upsert_readings,
 )
 
 SMD = load_contract("smd")
 T0 = datetime(2024, 1, 1)
-INJECTIONS = ["x'); DROP TABLE smd_readings; --", 'a"; DELETE FROM anomaly_scores; --',
-              "%s %(entity)s ? :entity", "ünï€ode\\n", "' OR '1'='1"]
+INJECTIONS = [
+    "x'); DROP TABLE smd_readings; --",
+    'a"; DELETE FROM anomaly_scores; --',
+    "%s %(entity)s ? :entity",
+    "ünï€ode\\n",
+    "' OR '1'='1",
+]
 
 
-def readings(entity: str = "machine-1", n: int = 50, start: int = 0, seed: int = 0,
-             labelled_from: int | None = None) -> pd.DataFrame:
+def readings(
+    entity: str = "machine-1",
+    n: int = 50,
+    start: int = 0,
+    seed: int = 0,
+    labelled_from: int | None = None,
+) -> pd.DataFrame:
     """``n`` one-minute rows from ``T0 + start`` minutes; labels 0/1 from row ``labelled_from``."""
     rng = np.random.default_rng(seed)
     frame = pd.DataFrame(rng.random((n, len(SMD.sensor_names))), columns=SMD.sensor_names)
@@ -46,9 +68,17 @@ def minutes(first: int, last: int) -> pd.DatetimeIndex:
 
 
 def scores(ts: pd.DatetimeIndex, score: float = 1.0) -> pd.DataFrame:
-    return pd.DataFrame({"ts": ts, "score": score, "threshold": 0.5, "is_anomaly": score > 0.5,
-                         "p_value": 0.01, "top_sensors": [["m01", "m07"]] * len(ts),
-                         "provisional": False})
+    return pd.DataFrame(
+        {
+            "ts": ts,
+            "score": score,
+            "threshold": 0.5,
+            "is_anomaly": score > 0.5,
+            "p_value": 0.01,
+            "top_sensors": [["m01", "m07"]] * len(ts),
+            "provisional": False,
+        }
+    )
 
 
 def mark(ts: pd.Timestamp, version: str = "1", entity: str = "machine-1") -> Watermark:
@@ -57,13 +87,17 @@ def mark(ts: pd.Timestamp, version: str = "1", entity: str = "machine-1") -> Wat
 
 def count(engine: sa.Engine, name: str) -> int:
     with engine.connect() as conn:
-        return int(conn.execute(sa.select(sa.func.count()).select_from(sa.table(name))).scalar_one())
+        return int(
+            conn.execute(sa.select(sa.func.count()).select_from(sa.table(name))).scalar_one()
+        )
 
 
 def snapshot(engine: sa.Engine) -> list[list[Any]]:
     with engine.connect() as conn:
-        return [conn.execute(sa.select(t).order_by(*t.primary_key)).all()
-                for t in (anomaly_scores, scoring_watermarks)]
+        return [
+            conn.execute(sa.select(t).order_by(*t.primary_key)).all()
+            for t in (anomaly_scores, scoring_watermarks)
+        ]
 
 
 @pytest.fixture
@@ -77,8 +111,10 @@ def test_engines_are_cached_and_sqlite_is_set_up_for_concurrent_writers(sqlite_u
     engine = get_engine(sqlite_url)
     assert get_engine(sqlite_url) is engine
     with engine.connect() as conn:
-        pragmas = [conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in
-                   ("journal_mode", "foreign_keys", "busy_timeout")]
+        pragmas = [
+            conn.exec_driver_sql(f"PRAGMA {p}").scalar()
+            for p in ("journal_mode", "foreign_keys", "busy_timeout")
+        ]
     assert pragmas == ["wal", 1, 60000]
 
 
@@ -163,12 +199,14 @@ def test_read_readings_filters_sorts_and_adds_context(engine: sa.Engine) -> None
     assert every.dtypes[SMD.sensor_names].eq(np.float32).all()
     at = T0 + pd.Timedelta(minutes=10)
     assert read_readings(engine, SMD, entity="a", start=at, end=at + pd.Timedelta(minutes=3))[
-        "ts"].tolist() == list(minutes(10, 12))
+        "ts"
+    ].tolist() == list(minutes(10, 12))
     assert read_readings(engine, SMD, entity="a", after=at)["ts"].tolist() == list(minutes(11, 19))
     with_context = read_readings(engine, SMD, entity="a", after=at, limit_before=4)
     assert with_context["ts"].tolist() == list(minutes(7, 19))
     assert read_readings(engine, SMD, entity="a", start=at, end=at, limit_before=99)[
-        "ts"].tolist() == list(minutes(0, 9))
+        "ts"
+    ].tolist() == list(minutes(0, 9))
     assert len(read_readings(engine, SMD, entity="a", start="2024-01-01T00:15:00+00:00")) == 5
     with pytest.raises(ValueError, match="limit_before needs"):
         read_readings(engine, SMD, after=at, limit_before=4)
@@ -201,13 +239,21 @@ def test_scores_are_replaced_and_the_watermark_never_moves_back(engine: sa.Engin
         write_scores(conn, "smd", scores(first[:3], 3.0), mark(first[2], "3"))
         assert get_watermark(conn, "smd", "machine-1", "at") == mark(second[-1], "2")
     with engine.connect() as conn:
-        stored = conn.execute(sa.select(anomaly_scores.c.score, anomaly_scores.c.top_sensors)
-                              .order_by(anomaly_scores.c.ts)).all()
+        stored = conn.execute(
+            sa.select(anomaly_scores.c.score, anomaly_scores.c.top_sensors).order_by(
+                anomaly_scores.c.ts
+            )
+        ).all()
     assert [row.score for row in stored] == [3.0] * 3 + [1.0] * 2 + [2.0] * 10
     assert stored[0].top_sensors == '["m01", "m07"]'
     with engine.begin() as conn:  # a backfill that leaves the watermark alone
-        write_scores(conn, "smd", scores(minutes(20, 21)), mark(minutes(20, 21)[-1], "4"),
-                     move_watermark=False)
+        write_scores(
+            conn,
+            "smd",
+            scores(minutes(20, 21)),
+            mark(minutes(20, 21)[-1], "4"),
+            move_watermark=False,
+        )
         assert get_watermark(conn, "smd", "machine-1", "at") == mark(second[-1], "2")
 
 
@@ -228,16 +274,22 @@ def test_a_failure_inside_the_transaction_leaves_scores_and_watermark_untouched(
         write_scores(conn, "smd", scores(minutes(5, 19), 9.0), broken)
     assert snapshot(engine) == before
     with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:  # score is NOT NULL
-        write_scores(conn, "smd", scores(minutes(5, 19)).assign(score=[1.0] * 14 + [np.nan]),
-                     mark(ts[-1] + pd.Timedelta(hours=1)))
+        write_scores(
+            conn,
+            "smd",
+            scores(minutes(5, 19)).assign(score=[1.0] * 14 + [np.nan]),
+            mark(ts[-1] + pd.Timedelta(hours=1)),
+        )
     assert snapshot(engine) == before
 
 
 def test_score_frames_are_checked(engine: sa.Engine) -> None:
     ts = minutes(0, 2)
-    bad = {"missing column": scores(ts).drop(columns="p_value"),
-           "other entity": scores(ts).assign(entity="machine-2"),
-           "duplicate timestamps": pd.concat([scores(ts), scores(ts)])}
+    bad = {
+        "missing column": scores(ts).drop(columns="p_value"),
+        "other entity": scores(ts).assign(entity="machine-2"),
+        "duplicate timestamps": pd.concat([scores(ts), scores(ts)]),
+    }
     for frame in bad.values():
         with pytest.raises(ValueError), engine.begin() as conn:
             write_scores(conn, "smd", frame, mark(ts[-1]))
@@ -255,8 +307,10 @@ def test_two_processes_loading_the_same_rows_leave_exactly_one_copy(warehouse_ur
     get_engine(warehouse_url)  # the children inherit a cached engine and must not share its pool
     context = multiprocessing.get_context("fork")
     barrier, results = context.Barrier(2), context.Queue()
-    children = [context.Process(target=_load_in_child, args=(warehouse_url, barrier, results))
-                for _ in range(2)]
+    children = [
+        context.Process(target=_load_in_child, args=(warehouse_url, barrier, results))
+        for _ in range(2)
+    ]
     for child in children:
         child.start()
     for child in children:

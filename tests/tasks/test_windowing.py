@@ -29,7 +29,9 @@ def test_training_range_stops_at_first_labelled_row_per_entity() -> None:
 
 
 def test_training_range_with_explicit_end_ignores_labels() -> None:
-    kept = training_range(_frame(), load_contract("smd"), train_end=pd.Timestamp("2020-01-01 00:02"))
+    kept = training_range(
+        _frame(), load_contract("smd"), train_end=pd.Timestamp("2020-01-01 00:02")
+    )
     assert kept.groupby("entity").size().to_dict() == {"a": 2, "b": 2}
 
 
@@ -37,5 +39,7 @@ def test_training_range_with_explicit_end_ignores_labels() -> None:
     ("rows", "fraction", "win", "expected"),
     [(1000, 0.2, 100, (800, 200)), (300, 0.1, 100, (200, 100)), (500, 0.0, 100, (500, 0))],
 )
-def test_split_keeps_a_full_validation_window(rows: int, fraction: float, win: int, expected: tuple[int, int]) -> None:
+def test_split_keeps_a_full_validation_window(
+    rows: int, fraction: float, win: int, expected: tuple[int, int]
+) -> None:
     assert split_entity(rows, fraction, win) == expected
