@@ -1,6 +1,6 @@
 """Load test: score N entities x one day of minute data with a small model, per backend.
 
-Runs the scoring flow's per-entity task function (``score_new_rows``: read after the watermark,
+Runs the scoring flow's task function (``score_new_rows``: read after each watermark,
 validate, score, write scores + watermark per chunk) over every entity, as ``scoring_flow`` does,
 without the Prefect API around it. Prints points/s, wall time and peak memory (max RSS).
 
@@ -61,12 +61,11 @@ def main() -> None:
     save_tiny_checkpoint(tmp / "model.pt", frame)
     loaded = local_model(tmp / "model.pt")
     started = time.perf_counter()
-    scored = sum(
-        score_new_rows(
-            url, SMD, loaded, entity, run_id="load-test", chunk_rows=args.chunk_rows
-        ).scored
-        for entity in list_entities(url, SMD)
+    entities = list_entities(url, SMD)
+    results = score_new_rows(
+        url, SMD, loaded, entities, run_id="load-test", chunk_rows=args.chunk_rows
     )
+    scored = sum(result.scored for result in results)
     wall = time.perf_counter() - started
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.backend == "postgres":

@@ -10,15 +10,32 @@ from typing import Any
 
 from tasks.settings import apply_quiet_defaults
 
+INGEST_KINDS = ["smd", "csv", "parquet", "nab", "skab", "ucr", "smap", "msl", "psm", "swat"]
+COLUMN_OPTIONS = ("entity", "timestamp", "label", "sensor", "value")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atp", description="Anomaly Transformer pipeline.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     ingest = commands.add_parser("ingest", help="load a source into the warehouse (idempotent)")
-    ingest.add_argument("kind", choices=["smd", "csv", "parquet"], help="layout of PATH")
-    ingest.add_argument("path", help="SMD folder, or a CSV/Parquet file")
-    ingest.add_argument("--contract", default="smd", help="data contract name or YAML path")
+    ingest.add_argument("kind", choices=INGEST_KINDS, help="layout of PATH")
+    ingest.add_argument("path", help="a folder or file in that layout (see docs/loaders.md)")
+    ingest.add_argument(
+        "--contract",
+        help="data contract name or YAML path (default: the bundled contract of KIND; "
+        "csv and parquet default to smd)",
+    )
+
+    contract = commands.add_parser("contract", help="draft a data contract for a new source")
+    contract_commands = contract.add_subparsers(dest="contract_command", required=True)
+    infer = contract_commands.add_parser("infer", help="draft a contract from a CSV/Parquet file")
+    infer.add_argument("path", help="CSV or Parquet file of readings")
+    infer.add_argument("--name", required=True, help="contract (and source) name")
+    infer.add_argument("--out", help="where to write the YAML (default ./NAME.yaml)")
+    infer.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    for column in COLUMN_OPTIONS:
+        infer.add_argument(f"--{column}-column", help=f"the {column} column (default: detected)")
 
     train = commands.add_parser("train", help="train, calibrate, evaluate and register a model")
     train.add_argument("--source", default="smd", help="data contract / source name")
@@ -37,18 +54,51 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--max-epochs", type=int, help="maximum epochs")
     train.add_argument("--max-steps", type=int, help="maximum optimiser steps")
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    train.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 on a CUDA GPU"
+    )
     train.add_argument("--alpha", type=float, help="target false-alarm rate of the threshold")
-    train.add_argument("--promote", action="store_true", help="make the new version champion")
+    train.add_argument(
+        "--calibration-method",
+        choices=["conformal", "quantile", "pot", "reference"],
+        help="threshold fit (reference leaks test data: never deploy it)",
+    )
+    train.add_argument("--scope", choices=["global", "entity"], help="one threshold or one each")
+    train.add_argument("--gate-metric", choices=["vus_pr", "auc_pr", "auroc", "f1", "event_recall"])
+    train.add_argument("--gate-margin", type=float, help="how much the challenger must win by")
+    train.add_argument(
+        "--false-alarm-budget", type=float, help="highest false-alarm rate the gate accepts"
+    )
+    train.add_argument("--promote", action="store_true", help="champion if it passes the gate")
+    train.add_argument("--force", action="store_true", help="promote whatever the gate says")
 
     score = commands.add_parser("score", help="score rows after each entity's watermark")
     score.add_argument("--source", default="smd")
     score.add_argument("--alias", default="champion")
+    score.add_argument(
+        "--threshold-mode",
+        choices=["static", "adaptive"],
+        default="static",
+        help="adaptive: keep the alarm rate at alpha as scores drift (ACI)",
+    )
 
     backfill = commands.add_parser("backfill", help="re-score a past time range (re-runnable)")
     backfill.add_argument("--source", default="smd")
     backfill.add_argument("--start", type=datetime.fromisoformat, help="ISO timestamp, inclusive")
     backfill.add_argument("--end", type=datetime.fromisoformat, help="ISO timestamp, exclusive")
     backfill.add_argument("--alias", default="champion")
+    for command in (score, backfill):
+        command.add_argument(
+            "--event-gap", type=int, default=10, help="quiet points that still join two alarms"
+        )
+        command.add_argument(
+            "--event-min-length", type=int, default=1, help="fewest alarm points in an event"
+        )
+
+    events = commands.add_parser("events", help="alarm events, newest first")
+    events.add_argument("--source", help="only this source")
+    events.add_argument("--all", action="store_true", help="closed events too, not only open")
+    events.add_argument("--limit", type=int, default=100)
 
     promote = commands.add_parser("promote", help="move the champion alias")
     promote.add_argument("--version", type=int, help="model version (default: the challenger)")
@@ -58,26 +108,44 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cron", default="*/5 * * * *", help="cron schedule (default every 5 min)")
     serve.add_argument("--interval", type=int, help="seconds between runs (overrides --cron)")
 
+    benchmark = commands.add_parser(
+        "benchmark", help="detectors on an SMD-layout folder, honest and reference protocols"
+    )
+    benchmark.add_argument("path", help="folder with train/, test/ and test_label/")
+    benchmark.add_argument(
+        "--detectors", default="random,pca,max_z,knn", help="comma-separated (add 'at')"
+    )
+    benchmark.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    benchmark.add_argument("--alpha", type=float, default=0.005, help="honest false-alarm rate")
+    benchmark.add_argument("--out", help="folder for benchmark.csv/.md (default under ATP_HOME)")
+
     commands.add_parser("status", help="what is in the warehouse and the registry")
     demo = commands.add_parser("demo", help="ingest the bundled sample, train, promote, score")
     demo.add_argument("--sample", help="SMD folder to use instead of the bundled sample")
     return parser
 
 
+def _given(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def _train_params(args: argparse.Namespace) -> Any:
     from flows.params import DEMO_TRAINING, TrainFlowParams
 
     base = DEMO_TRAINING if args.preset == "demo" else TrainFlowParams()
-    training = {
-        k: v
-        for k, v in {
-            "max_epochs": args.max_epochs,
-            "max_steps": args.max_steps,
-            "device": args.device,
-        }.items()
-        if v is not None
-    }
-    calibration = {"alpha": args.alpha} if args.alpha is not None else {}
+    training = _given(
+        max_epochs=args.max_epochs,
+        max_steps=args.max_steps,
+        device=args.device,
+        precision=args.precision,
+    )
+    calibration = _given(alpha=args.alpha, method=args.calibration_method, scope=args.scope)
+    gate = _given(
+        metric=args.gate_metric,
+        margin=args.gate_margin,
+        false_alarm_budget=args.false_alarm_budget,
+        force=args.force or None,
+    )
     return base.model_copy(
         update={
             "source": args.source,
@@ -85,31 +153,56 @@ def _train_params(args: argparse.Namespace) -> Any:
             "promote": args.promote or base.promote,
             "training": base.training.model_copy(update=training),
             "calibration": base.calibration.model_copy(update=calibration),
+            "gate": base.gate.model_copy(update=gate),
         }
     )
 
 
+def _csv(text: str, kind: type = str) -> tuple[Any, ...]:
+    return tuple(kind(part.strip()) for part in text.split(",") if part.strip())
+
+
 def _run(args: argparse.Namespace) -> object:
     from flows import operations, report
+    from flows.benchmark import benchmark_flow
     from flows.ingest import ingest_flow
     from flows.scoring import backfill_flow, scoring_flow
     from flows.training import training_flow
 
+    events = {"event_gap": getattr(args, "event_gap", 10)}
+    events["event_min_length"] = getattr(args, "event_min_length", 1)
     match args.command:
         case "ingest":
             return ingest_flow(args.path, kind=args.kind, contract=args.contract)
+        case "contract":
+            columns = {f"{c}_column": getattr(args, f"{c}_column") for c in COLUMN_OPTIONS}
+            return operations.contract_flow(
+                args.path, args.name, args.out, args.overwrite, _given(**columns)
+            )
         case "train":
             return training_flow(_train_params(args))
         case "score":
-            return scoring_flow(source=args.source, alias=args.alias)
+            return scoring_flow(
+                source=args.source, alias=args.alias, threshold_mode=args.threshold_mode, **events
+            )
         case "backfill":
             return backfill_flow(
-                source=args.source, start=args.start, end=args.end, alias=args.alias
+                source=args.source, start=args.start, end=args.end, alias=args.alias, **events
             )
+        case "events":
+            return operations.events_flow(args.source, not args.all, args.limit)
         case "promote":
             return operations.promote_flow(args.version)
         case "serve":
             return report.serve_scoring(args.source, cron=args.cron, interval=args.interval)
+        case "benchmark":
+            return benchmark_flow(
+                args.path,
+                detectors=_csv(args.detectors),
+                seeds=_csv(args.seeds, int),
+                alpha=args.alpha,
+                out_dir=args.out,
+            )
         case "status":
             return operations.status_flow()
         case "demo":

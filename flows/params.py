@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from model.config import ModelConfig, TrainConfig
+from model.device import accelerated, resolve_device
 
 
 class ModelParams(BaseModel):
@@ -36,10 +37,20 @@ class TrainingParams(BaseModel):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
     device: str = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on a CUDA GPU that supports it, else fp32"
+    )
+    compile: bool | None = Field(
+        None, description="torch.compile the training step; default: where precision auto is bf16"
+    )
 
     def to_config(self) -> TrainConfig:
-        return TrainConfig(**self.model_dump())
+        """The model's config, with ``auto`` precision and compile resolved for the device."""
+        fast = accelerated(resolve_device(self.device))
+        precision = ("bf16" if fast else "fp32") if self.precision == "auto" else self.precision
+        compile_step = fast if self.compile is None else self.compile
+        fields = self.model_dump(exclude={"precision", "compile"})
+        return TrainConfig(**fields, precision=precision, compile=compile_step)
 
 
 class CalibrationParams(BaseModel):

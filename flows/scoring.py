@@ -31,24 +31,23 @@ def scoring_flow(
 
     Each batch also updates the alarm events, a drift check and, with
     ``threshold_mode="adaptive"``, the entity's adaptive threshold, in the scores' transaction.
+    Entities whose new rows break the contract are left unscored and fail the run, after the
+    others are scored.
     """
     settings = get_settings()
     contract = load_contract(source)
     options = ScoringOptions(threshold_mode, event_gap, event_min_length)
     loaded = load_model_version_task(settings.model_name, alias)
     entities = list_entities_task(settings.warehouse_url, contract)
-    return [
-        score_new_rows_task(
-            settings.warehouse_url,
-            contract,
-            loaded,
-            entity,
-            run_id=str(flow_run.id),
-            chunk_rows=chunk_rows,
-            options=options,
-        )
-        for entity in entities
-    ]
+    return score_new_rows_task(
+        settings.warehouse_url,
+        contract,
+        loaded,
+        entities,
+        run_id=str(flow_run.id),
+        chunk_rows=chunk_rows,
+        options=options,
+    )
 
 
 @flow(name="backfill", log_prints=True)
@@ -71,17 +70,14 @@ def backfill_flow(
     options = ScoringOptions(event_gap=event_gap, event_min_length=event_min_length)
     loaded = load_model_version_task(settings.model_name, alias)
     entities = list_entities_task(settings.warehouse_url, contract)
-    return [
-        backfill_range_task(
-            settings.warehouse_url,
-            contract,
-            loaded,
-            entity,
-            start=start,
-            end=end,
-            run_id=str(flow_run.id),
-            chunk_rows=chunk_rows,
-            options=options,
-        )
-        for entity in entities
-    ]
+    return backfill_range_task(
+        settings.warehouse_url,
+        contract,
+        loaded,
+        entities,
+        start=start,
+        end=end,
+        run_id=str(flow_run.id),
+        chunk_rows=chunk_rows,
+        options=options,
+    )

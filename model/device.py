@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 
 
+def accelerated(device: torch.device) -> bool:
+    """Whether bf16 autocast and ``torch.compile`` pay off on ``device``: CUDA with bf16 support."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """Turn ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` into an available device.
 

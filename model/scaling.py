@@ -11,11 +11,11 @@ import numpy as np
 CONSTANT_TOLERANCE = 1e-10
 
 
-def _as_matrix(values: np.ndarray, name: str) -> np.ndarray:
+def _as_matrix(values: np.ndarray, name: str, *, missing_ok: bool = False) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     if array.ndim != 2 or array.shape[0] == 0:
         raise ValueError(f"invalid {name} of shape {array.shape}: expected (T >= 1, C)")
-    bad = np.argwhere(~np.isfinite(array))
+    bad = np.argwhere(np.isinf(array) if missing_ok else ~np.isfinite(array))
     if len(bad):
         row, column = bad[0]
         raise ValueError(
@@ -27,17 +27,27 @@ def _as_matrix(values: np.ndarray, name: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Scaler:
-    """``(values - mean) / scale`` per channel; zero-variance channels get scale 1."""
+    """``(values - mean) / scale`` per channel; zero-variance channels get scale 1.
+
+    Missing values (NaN, from sensors a contract declares nullable) are allowed where asked for:
+    ``fit`` ignores them and ``impute`` replaces them with the channel's training mean, which
+    scales to 0. The imputation is stateless, so a point scores the same in any batch.
+    """
 
     mean: np.ndarray  # (C,)
     scale: np.ndarray  # (C,)
 
     @classmethod
-    def fit(cls, values: np.ndarray) -> Scaler:
-        """Statistics of ``values`` `(T, C)` (population standard deviation, as sklearn's)."""
-        array = _as_matrix(values, "values")
-        mean = array.mean(axis=0)
-        std = array.std(axis=0)
+    def fit(cls, values: np.ndarray, *, missing_ok: bool = False) -> Scaler:
+        """Statistics of ``values`` `(T, C)` (population standard deviation, as sklearn's);
+        with ``missing_ok``, of the observed values of each channel."""
+        array = _as_matrix(values, "values", missing_ok=missing_ok)
+        observed = (~np.isnan(array)).sum(axis=0)
+        if not observed.all():
+            empty = np.flatnonzero(observed == 0).tolist()
+            raise ValueError(f"invalid values: channel(s) {empty} hold no observed value")
+        mean = np.nanmean(array, axis=0)
+        std = np.nanstd(array, axis=0)
         constant = std <= CONSTANT_TOLERANCE * np.maximum(np.abs(mean), 1.0)
         return cls(mean=mean, scale=np.where(constant, 1.0, std))
 
@@ -45,14 +55,22 @@ class Scaler:
     def n_channels(self) -> int:
         return int(self.mean.shape[0])
 
-    def transform(self, values: np.ndarray) -> np.ndarray:
-        """Standardised float32 copy of ``values`` `(T, C)`."""
-        array = _as_matrix(values, "values")
+    def impute(self, values: np.ndarray) -> np.ndarray:
+        """A float64 copy of ``values`` `(T, C)` with each NaN replaced by its channel's mean."""
+        array = self._check_channels(_as_matrix(values, "values", missing_ok=True))
+        return np.where(np.isnan(array), self.mean, array)
+
+    def _check_channels(self, array: np.ndarray) -> np.ndarray:
         if array.shape[1] != self.n_channels:
             raise ValueError(
                 f"invalid values with {array.shape[1]} channels: this scaler was fitted on "
                 f"{self.n_channels}"
             )
+        return array
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        """Standardised float32 copy of ``values`` `(T, C)`."""
+        array = self._check_channels(_as_matrix(values, "values"))
         return ((array - self.mean) / self.scale).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:

@@ -173,7 +173,7 @@ def calibrate(
     ``reference`` needs ``warehouse_url`` and ``contract`` to read the labelled range; its
     percentile is ``100 (1 - alpha)`` over the training-range and test scores.
     """
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path, device="auto")
     val = validation_scores(checkpoint, dataset)
     held_out, test = val, {}
     if method in LEAKY_METHODS:

@@ -8,12 +8,15 @@ The draft is a starting point for review: ranges are the observed ones widened b
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from data_contracts.contract import Contract, SensorRule, contract_from_dict
 from tasks.errors import AtpError, IngestError
@@ -344,3 +347,36 @@ def write_contract(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + body)
     return path
+
+
+@dataclass(frozen=True)
+class ContractDraft:
+    """A drafted contract written for review, and why each rule is what it is."""
+
+    path: str
+    name: str
+    layout: str
+    sensors: int
+    reasons: list[str]
+
+
+def draft_contract(
+    path: Path,
+    *,
+    name: str,
+    out: Path | None = None,
+    overwrite: bool = False,
+    columns: Mapping[str, str | None] | None = None,
+) -> ContractDraft:
+    """Infer a contract for ``path`` and write it to ``out`` (default ``./<name>.yaml``).
+
+    ``columns`` names any of ``entity_column``, ``timestamp_column``, ``label_column``,
+    ``sensor_column`` and ``value_column`` instead of detecting them.
+    """
+    contract, reasons = infer_contract(Path(path), name=name, **dict(columns or {}))
+    target = Path(out) if out is not None else Path(f"{name}.yaml")
+    written = write_contract(contract, target, reasons, overwrite=overwrite)
+    return ContractDraft(str(written), name, contract.layout, len(contract.sensors), reasons)
+
+
+draft_contract_task = task(name="draft-contract", cache_policy=NO_CACHE)(draft_contract)

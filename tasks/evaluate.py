@@ -65,7 +65,7 @@ def evaluate_model(
     warehouse_url: str, contract: Contract, checkpoint_path: Path, out_dir: Path
 ) -> Evaluation:
     """Score each entity's labelled rows; metrics per entity, their unweighted mean, the control."""
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path, device="auto")
     alpha = float(checkpoint.extras["calibration"]["alpha"])
     engine = get_engine(warehouse_url)
     per_entity: dict[str, dict[str, float]] = {}

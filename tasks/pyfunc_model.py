@@ -68,7 +68,7 @@ class AnomalyTransformerPyfunc(PythonModel):
                 f"refusing the altered checkpoint {path}: its sha256 is {actual}, "
                 f"the model recorded {expected} when it was logged"
             )
-        self.checkpoint = load_checkpoint(path)
+        self.checkpoint = load_checkpoint(path, device="auto")
 
     def predict(
         self,
@@ -87,7 +87,8 @@ class AnomalyTransformerPyfunc(PythonModel):
                 f"expected one of {sorted(scalers)}"
             )
         raw = model_input[sensors].to_numpy(np.float64)
-        scaled = Scaler.from_dict(scalers[entity]).transform(raw)
+        scaler = Scaler.from_dict(scalers[entity])
+        scaled = scaler.transform(scaler.impute(raw))
         result = score_series(self.checkpoint.model, scaled, extras["scoring_method"])
         contributions = result.contributions.astype(np.float64)
         columns = {SCORE_COLUMN: result.scores.astype(np.float64)}

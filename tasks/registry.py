@@ -289,7 +289,7 @@ def load_model_version(model_name: str, alias: str) -> LoadedModel:
                 f"{model_name} version {version}: checkpoint sha256 {actual} differs from "
                 f"{expected} recorded at registration; the artifact was altered, refusing it"
             )
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_checkpoint(path, device="auto")
     log.info("using %s version %s (alias %s)", model_name, version, alias)
     run_id = registered.run_id or ""
     return LoadedModel(model_name, version, run_id, checkpoint, checkpoint.extras)

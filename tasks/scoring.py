@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Literal
@@ -29,7 +30,7 @@ from tasks.adaptive_threshold import DEFAULT_GAMMA, apply_adaptive
 from tasks.alarm_rule import alarm_rule
 from tasks.alarm_tables import lock_entity
 from tasks.drift_monitor import check_batch, record_drift
-from tasks.errors import ModelRegistryError
+from tasks.errors import DataContractError, ModelRegistryError
 from tasks.events import EventRules, refresh_events
 from tasks.registry import LoadedModel
 from tasks.scores_store import Watermark, get_watermark, write_scores
@@ -39,6 +40,8 @@ from tasks.warehouse import get_engine, read_readings, read_transaction
 log = logging.getLogger(__name__)
 TOP_SENSORS = 3
 BATCH_WINDOWS = 1024
+# Rows of consecutive entities validated in one Great Expectations run (its cost is per run).
+VALIDATION_ROWS = 200_000
 ThresholdMode = Literal["static", "adaptive"]
 
 
@@ -56,11 +59,13 @@ class EntityResult:
 def score_values(
     checkpoint: Checkpoint, entity: str, values: np.ndarray, skip: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scale raw ``(T, C)`` readings with the entity's scaler and score ``values[skip:]``."""
+    """Scale raw ``(T, C)`` readings with the entity's scaler and score ``values[skip:]``;
+    gaps of nullable sensors take the entity's training mean, as in training."""
     scalers = checkpoint.extras["scalers"]
     if entity not in scalers:
         raise ModelRegistryError(f"entity {entity!r} was not in this model's training data")
-    scaled = Scaler.from_dict(scalers[entity]).transform(values).astype(np.float32)
+    scaler = Scaler.from_dict(scalers[entity])
+    scaled = scaler.transform(scaler.impute(values))
     method = checkpoint.extras["scoring_method"]
     result = score_series(checkpoint.model, scaled, method, skip=skip, batch_size=BATCH_WINDOWS)
     return result.scores, result.contributions
@@ -155,35 +160,161 @@ def _write_chunk(
     return result
 
 
-def _score_in_chunks(
+@dataclass(frozen=True)
+class PendingRows:
+    """One entity's rows to score, after ``context_rows`` rows of context read from before them."""
+
+    entity: str
+    frame: pd.DataFrame
+    context_rows: int
+
+
+def _new_rows(engine: Engine, contract: Contract, loaded: LoadedModel, entity: str) -> PendingRows:
+    """The rows after the entity's watermark, led by up to ``win_size - 1`` rows of context."""
+    with read_transaction(engine) as conn:
+        watermark = get_watermark(conn, contract.name, entity, loaded.name)
+    after = None if watermark is None else watermark.last_ts
+    context = None if after is None else loaded.checkpoint.model_cfg.win_size - 1
+    frame = read_readings(engine, contract, entity=entity, after=after, limit_before=context)
+    context_rows = 0 if after is None else int((frame["ts"] <= pd.Timestamp(after)).sum())
+    return PendingRows(entity, frame, context_rows)
+
+
+def _range_rows(
     engine: Engine,
     contract: Contract,
     loaded: LoadedModel,
     entity: str,
-    frame: pd.DataFrame,
-    context_rows: int,
+    start: datetime | None,
+    end: datetime | None,
+) -> PendingRows:
+    """The rows with ``start <= ts < end``, led by up to ``win_size - 1`` rows of context."""
+    context = None if start is None else loaded.checkpoint.model_cfg.win_size - 1
+    frame = read_readings(
+        engine, contract, entity=entity, start=start, end=end, limit_before=context
+    )
+    context_rows = 0 if start is None else int((frame["ts"] < pd.Timestamp(start)).sum())
+    return PendingRows(entity, frame, context_rows)
+
+
+def _not_scoreable(loaded: LoadedModel, pending: PendingRows, empty: str) -> EntityResult | None:
+    """The result of an entity with nothing to score now; None when it has rows to score."""
+    win = loaded.checkpoint.model_cfg.win_size
+    entity, rows = pending.entity, len(pending.frame)
+    if rows == pending.context_rows:
+        return EntityResult(entity, 0, 0, None, empty)
+    if entity not in loaded.checkpoint.extras["scalers"]:
+        return EntityResult(entity, 0, 0, None, "not in the model's training data: not scored")
+    if rows < win:
+        return EntityResult(entity, 0, 0, None, f"waiting: {rows} rows, a window needs {win}")
+    return None
+
+
+def _batches(pending: Iterable[PendingRows]) -> Iterator[list[PendingRows]]:
+    """Consecutive entities holding about ``VALIDATION_ROWS`` rows together (at least one)."""
+    batch: list[PendingRows] = []
+    rows = 0
+    for item in pending:
+        batch.append(item)
+        rows += len(item.frame)
+        if rows >= VALIDATION_ROWS:
+            yield batch
+            batch, rows = [], 0
+    if batch:
+        yield batch
+
+
+def _rejected(contract: Contract, batch: list[PendingRows], win: int) -> dict[str, str]:
+    """Validate a batch of entities in one GX run; if it fails, find the entities at fault."""
+    if not batch:
+        return {}
+    try:
+        frame = pd.concat([p.frame for p in batch], ignore_index=True)
+        validate_readings(frame, contract, source=contract.table_name, min_rows=win)
+        return {}
+    except DataContractError:
+        pass
+    rejected = {}
+    for pending in batch:
+        where = f"{contract.table_name} entity {pending.entity!r}"
+        try:
+            validate_readings(pending.frame, contract, source=where, min_rows=win)
+        except DataContractError as error:
+            rejected[pending.entity] = error.report
+    return rejected
+
+
+def _score_entities(
+    engine: Engine,
+    contract: Contract,
+    loaded: LoadedModel,
+    pending: Iterable[PendingRows],
+    *,
+    empty: str,
+    run_id: str,
+    chunk_rows: int,
+    move_watermark: bool,
+    options: ScoringOptions,
+) -> list[EntityResult]:
+    """Validate and score entity after entity; entities whose rows break the contract are left
+    unscored while the others are scored, then DataContractError names every one of them."""
+    win = loaded.checkpoint.model_cfg.win_size
+    results: list[EntityResult] = []
+    rejected: dict[str, str] = {}
+    for batch in _batches(pending):
+        ready = []
+        for item in batch:
+            if (result := _not_scoreable(loaded, item, empty)) is not None:
+                results.append(result)
+            else:
+                ready.append(item)
+        found = _rejected(contract, ready, win)
+        rejected |= found
+        for item in ready:
+            if item.entity not in found:
+                results.append(
+                    _score_in_chunks(
+                        engine,
+                        contract,
+                        loaded,
+                        item,
+                        run_id=run_id,
+                        chunk_rows=chunk_rows,
+                        move_watermark=move_watermark,
+                        options=options,
+                    )
+                )
+    if rejected:
+        scored = ", ".join(r.entity for r in results if r.scored) or "none"
+        raise DataContractError(
+            f"{len(rejected)} entit{'y' if len(rejected) == 1 else 'ies'} not scored: "
+            f"{sorted(rejected)} (entities scored: {scored})\n\n" + "\n\n".join(rejected.values())
+        )
+    return results
+
+
+def _score_in_chunks(
+    engine: Engine,
+    contract: Contract,
+    loaded: LoadedModel,
+    pending: PendingRows,
     *,
     run_id: str,
     chunk_rows: int,
     move_watermark: bool,
     options: ScoringOptions,
 ) -> EntityResult:
-    """Score ``frame[context_rows:]`` chunk by chunk; each chunk commits in its own transaction."""
+    """Score the pending rows chunk by chunk; each chunk commits in its own transaction."""
     win = loaded.checkpoint.model_cfg.win_size
-    if entity not in loaded.checkpoint.extras["scalers"]:
-        return EntityResult(entity, 0, 0, None, "not in the model's training data: not scored")
-    if len(frame) < win:
-        return EntityResult(entity, 0, 0, None, f"waiting: {len(frame)} rows, a window needs {win}")
-    validate_readings(
-        frame, contract, source=f"{contract.table_name} entity {entity!r}", min_rows=win
-    )
+    entity, frame = pending.entity, pending.frame
     sensors = list(loaded.checkpoint.extras["sensors"])
+    scaler = Scaler.from_dict(loaded.checkpoint.extras["scalers"][entity])
     scored = anomalies = 0
     step = max(chunk_rows, win)
-    for start in range(context_rows, len(frame), step):
+    for start in range(pending.context_rows, len(frame), step):
         begin = max(0, start - (win - 1))
         result = score_rows(loaded, entity, frame.iloc[begin : start + step], start - begin)
-        values = frame[sensors].iloc[start : start + step].to_numpy(np.float64)
+        values = scaler.impute(frame[sensors].iloc[start : start + step].to_numpy(np.float64))
         last_ts = pd.Timestamp(result["ts"].iloc[-1]).to_pydatetime()
         watermark = Watermark(entity, loaded.name, last_ts, str(loaded.version), run_id)
         with engine.begin() as conn:
@@ -206,29 +337,25 @@ def score_new_rows(
     warehouse_url: str,
     contract: Contract,
     loaded: LoadedModel,
-    entity: str,
+    entities: Sequence[str],
     *,
     run_id: str,
     chunk_rows: int = 50_000,
     options: ScoringOptions = ScoringOptions(),
-) -> EntityResult:
-    """Scheduled scoring: every row after the entity's watermark; nothing new is a no-op."""
+) -> list[EntityResult]:
+    """Scheduled scoring: every row after each entity's watermark; nothing new is a no-op.
+
+    The new rows of consecutive entities are validated together, about ``VALIDATION_ROWS`` at a
+    time (one Great Expectations run each). An entity whose rows break the contract is not scored;
+    the others are, and then DataContractError names each rejected entity and its broken rules.
+    """
     engine = get_engine(warehouse_url)
-    with read_transaction(engine) as conn:
-        watermark = get_watermark(conn, contract.name, entity, loaded.name)
-    after = None if watermark is None else watermark.last_ts
-    context = None if after is None else loaded.checkpoint.model_cfg.win_size - 1
-    frame = read_readings(engine, contract, entity=entity, after=after, limit_before=context)
-    context_rows = 0 if after is None else int((frame["ts"] <= pd.Timestamp(after)).sum())
-    if len(frame) == context_rows:
-        return EntityResult(entity, 0, 0, None, "up to date")
-    return _score_in_chunks(
+    return _score_entities(
         engine,
         contract,
         loaded,
-        entity,
-        frame,
-        context_rows,
+        (_new_rows(engine, contract, loaded, entity) for entity in entities),
+        empty="up to date",
         run_id=run_id,
         chunk_rows=chunk_rows,
         move_watermark=True,
@@ -240,39 +367,31 @@ def backfill_range(
     warehouse_url: str,
     contract: Contract,
     loaded: LoadedModel,
-    entity: str,
+    entities: Sequence[str],
     *,
     start: datetime | None,
     end: datetime | None,
     run_id: str,
     chunk_rows: int = 50_000,
     options: ScoringOptions = ScoringOptions(),
-) -> EntityResult:
-    """Backfill: re-score rows with ``start <= ts < end``; upserts, leaves the watermark alone.
+) -> list[EntityResult]:
+    """Backfill: re-score rows with ``start <= ts < end``; upserts, leaves the watermarks alone.
 
     Always the static threshold and no drift checks (``options`` gives the event rules only), so
-    a backfill of a range writes the same rows whenever it runs.
+    a backfill of a range writes the same rows whenever it runs. Validation as in
+    :func:`score_new_rows`.
     """
-    options = replace(options, threshold_mode="static", check_drift=False)
     engine = get_engine(warehouse_url)
-    context = None if start is None else loaded.checkpoint.model_cfg.win_size - 1
-    frame = read_readings(
-        engine, contract, entity=entity, start=start, end=end, limit_before=context
-    )
-    context_rows = 0 if start is None else int((frame["ts"] < pd.Timestamp(start)).sum())
-    if len(frame) == context_rows:
-        return EntityResult(entity, 0, 0, None, "no rows in range")
-    return _score_in_chunks(
+    return _score_entities(
         engine,
         contract,
         loaded,
-        entity,
-        frame,
-        context_rows,
+        (_range_rows(engine, contract, loaded, entity, start, end) for entity in entities),
+        empty="no rows in range",
         run_id=run_id,
         chunk_rows=chunk_rows,
         move_watermark=False,
-        options=options,
+        options=replace(options, threshold_mode="static", check_drift=False),
     )
 
 

@@ -1,4 +1,5 @@
-"""What is in the warehouse and the registry: sources, entities, watermarks, lag, champion."""
+"""What is in the warehouse and the registry: sources, entities, watermarks, lag, open events,
+drift, champion."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data_contracts.contract import check_identifier
+from tasks.alarm_tables import anomaly_events
+from tasks.drift_monitor import DriftState, latest_drift
 from tasks.scores_store import anomaly_scores, scoring_watermarks
 from tasks.warehouse import get_engine, read_transaction
 
@@ -17,7 +20,7 @@ READINGS_SUFFIX = "_readings"
 
 @dataclass(frozen=True)
 class EntityStatus:
-    """One entity of one source: its rows, how far it is scored, and its alarms."""
+    """One entity of one source: its rows, how far it is scored, its alarms and open events."""
 
     source: str
     entity: str
@@ -26,6 +29,7 @@ class EntityStatus:
     scored_until: str | None
     unscored_rows: int
     anomalies: int
+    open_events: int
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Status:
 
     warehouse: str
     entities: tuple[EntityStatus, ...]
+    drifting: tuple[DriftState, ...]
     models: tuple[ModelStatus, ...]
 
 
@@ -54,22 +59,24 @@ def _sources(engine: sa.Engine) -> list[str]:
     return sorted(n.removesuffix(READINGS_SUFFIX) for n in names if n.endswith(READINGS_SUFFIX))
 
 
+def _count_by_entity(
+    conn: sa.Connection, table: sa.Table, *conditions: sa.ColumnElement[bool]
+) -> dict[str, int]:
+    query = sa.select(table.c.entity, sa.func.count()).where(*conditions).group_by(table.c.entity)
+    return {entity: int(count) for entity, count in conn.execute(query)}
+
+
 def _entity_rows(conn: sa.Connection, source: str) -> list[EntityStatus]:
     check_identifier(source, "source")
     readings = sa.table(f"{source}{READINGS_SUFFIX}", sa.column("entity"), sa.column("ts"))
-    w, s = scoring_watermarks.c, anomaly_scores.c
+    w, s, e = scoring_watermarks.c, anomaly_scores.c, anomaly_events.c
     marks = dict(
         conn.execute(
             sa.select(w.entity, sa.func.max(w.last_ts)).where(w.source == source).group_by(w.entity)
         ).all()
     )
-    alarms = dict(
-        conn.execute(
-            sa.select(s.entity, sa.func.count())
-            .where(s.source == source, s.is_anomaly)
-            .group_by(s.entity)
-        ).all()
-    )
+    alarms = _count_by_entity(conn, anomaly_scores, s.source == source, s.is_anomaly)
+    events = _count_by_entity(conn, anomaly_events, e.source == source, e.status == "open")
     rows = []
     query = sa.select(readings.c.entity, sa.func.count(), sa.func.max(readings.c.ts)).group_by(
         readings.c.entity
@@ -93,7 +100,8 @@ def _entity_rows(conn: sa.Connection, source: str) -> list[EntityStatus]:
                 str(last_ts),
                 None if mark is None else str(mark),
                 int(unscored or 0),
-                int(alarms.get(entity, 0)),
+                alarms.get(entity, 0),
+                events.get(entity, 0),
             )
         )
     return rows
@@ -127,12 +135,14 @@ def model_status(tracking_uri: str, model_name: str) -> list[ModelStatus]:
 
 
 def collect_status(warehouse_url: str, tracking_uri: str, model_name: str) -> Status:
-    """Rows, watermarks and alarms per entity of every source, plus champion and challenger."""
+    """Rows, watermarks, alarms and open events per entity of every source, the entities whose
+    latest drift check flagged, plus champion and challenger."""
     engine = get_engine(warehouse_url)
     with read_transaction(engine) as conn:
         entities = [row for source in _sources(engine) for row in _entity_rows(conn, source)]
+    drifting = tuple(state for state in latest_drift(warehouse_url) if state.flag)
     url = engine.url.render_as_string(hide_password=True)
-    return Status(url, tuple(entities), tuple(model_status(tracking_uri, model_name)))
+    return Status(url, tuple(entities), drifting, tuple(model_status(tracking_uri, model_name)))
 
 
 collect_status_task = task(name="collect-status", cache_policy=NO_CACHE)(collect_status)

@@ -89,6 +89,16 @@ def split_entity(rows: int, val_fraction: float, win_size: int) -> tuple[int, in
     return rows - val, val
 
 
+def _require_observed(values: np.ndarray, sensors: list[str], where: str) -> None:
+    """Refuse a fit part in which a (nullable) sensor never has a value: no mean to fill with."""
+    empty = [name for name, column in zip(sensors, values.T, strict=True) if np.isnan(column).all()]
+    if empty:
+        raise DataContractError(
+            f"{where}: sensor(s) {empty} have no value in the {len(values)} rows the scaler is "
+            "fitted on; drop them from the contract or train on a range where they report"
+        )
+
+
 def build_dataset(
     warehouse_url: str,
     contract: Contract,
@@ -99,6 +109,9 @@ def build_dataset(
     train_end: datetime | None = None,
 ) -> DatasetRef:
     """Validate the training range, fit one scaler per entity on its fit part, write Parquet.
+
+    Gaps of nullable sensors are filled with the entity's training mean (:meth:`Scaler.impute`),
+    as scoring fills them.
 
     An entity whose training range cannot hold a fit window and a validation window is skipped and
     named in ``skipped``; if none is left the run fails with a contract error.
@@ -116,12 +129,12 @@ def build_dataset(
             skipped.append(f"{entity}: {len(rows)} training rows, needs {win_size + val_rows}")
             continue
         values = rows[sensors].to_numpy(np.float64)
-        scaler = Scaler.fit(values[:fit_rows])
+        _require_observed(values[:fit_rows], sensors, f"{contract.table_name} entity {entity!r}")
+        scaler = Scaler.fit(values[:fit_rows], missing_ok=True)
         scalers[str(entity)] = scaler.to_dict()
         file = f"entity-{number:05d}.parquet"
-        _write_entity(
-            out_dir / file, str(entity), rows["ts"], scaler.transform(values), sensors, fit_rows
-        )
+        scaled = scaler.transform(scaler.impute(values))
+        _write_entity(out_dir / file, str(entity), rows["ts"], scaled, sensors, fit_rows)
         first, last = str(rows["ts"].iloc[0]), str(rows["ts"].iloc[-1])
         splits.append(EntitySplit(str(entity), file, fit_rows, val_rows, first, last))
     if not splits:

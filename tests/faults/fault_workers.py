@@ -99,8 +99,8 @@ def score_all(
     loaded = local_model(checkpoint)
     if barrier is not None:
         barrier.wait()
-    for entity in list_entities(url, SMD):
-        score_new_rows(url, SMD, loaded, entity, run_id="scheduled", chunk_rows=chunk_rows)
+    entities = list_entities(url, SMD)
+    score_new_rows(url, SMD, loaded, entities, run_id="scheduled", chunk_rows=chunk_rows)
 
 
 def backfill_all(
@@ -118,10 +118,10 @@ def backfill_all(
     loaded = local_model(checkpoint)
     if barrier is not None:
         barrier.wait()
-    for entity in list_entities(url, SMD):
-        backfill_range(
-            url, SMD, loaded, entity, start=start, end=end, run_id="backfill", chunk_rows=chunk_rows
-        )
+    entities = list_entities(url, SMD)
+    backfill_range(
+        url, SMD, loaded, entities, start=start, end=end, run_id="backfill", chunk_rows=chunk_rows
+    )
 
 
 def ingest_file(url: str, path: Path, staging: Any = None, barrier: Any = None) -> None:

@@ -7,6 +7,7 @@ training: what they check is what scoring does with any model's scores.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import sqlalchemy as sa
 import torch
 
 from data_contracts.contract import load_contract
+from flows.operations import events_flow, status_flow
 from flows.scoring import backfill_flow, scoring_flow
 from model.adaptive import AciState, aci_scores
 from model.checkpoint import save_checkpoint
@@ -27,12 +29,13 @@ from model.scoring import score_series
 from model.thresholds import conformal_threshold
 from tasks.alarm_tables import adaptive_state, anomaly_events, drift_flags
 from tasks.drift_monitor import NO_PROFILE, latest_drift
+from tasks.errors import DataContractError
 from tasks.events import EventRules, derive_events
 from tasks.ingest import read_smd
 from tasks.registry import configure_tracking, load_model_version, log_and_register, set_alias
 from tasks.scores_store import anomaly_scores
 from tasks.settings import get_settings
-from tasks.warehouse import ensure_schema, get_engine, upsert_readings
+from tasks.warehouse import ensure_schema, get_engine, readings_table, upsert_readings
 
 ALPHA = 0.05
 TRAIN_END = pd.Timestamp("2020-01-01 05:00")  # the first 300 rows of each machine
@@ -167,6 +170,16 @@ def test_events_and_drift_agree_across_split_runs_and_backfills(readings: pd.Dat
         assert ("note" in statistics) == (row.entity != PROFILED)
     assert NO_PROFILE in flags["statistics"].iloc[-1]
 
+    status = status_flow()
+    open_events = scheduled[scheduled["status"] == "open"]
+    assert {e.entity: e.open_events for e in status.entities} == {
+        entity: int((open_events["entity"] == entity).sum()) for entity in drift
+    }
+    assert [d.entity for d in status.drifting] == [e for e, d in sorted(drift.items()) if d.flag]
+    listed = events_flow(open_only=False, limit=1000)
+    assert len(listed) == len(scheduled)
+    assert [e.status for e in events_flow()] == ["open"] * len(open_events)
+
 
 def test_adaptive_mode_carries_its_state_across_batches(readings: pd.DataFrame) -> None:
     url = get_settings().warehouse_url
@@ -188,3 +201,24 @@ def test_adaptive_mode_carries_its_state_across_batches(readings: pd.DataFrame) 
     static = _table(url, anomaly_scores, *SCORE_COLUMNS)
     assert static["threshold"].nunique() == 1
     np.testing.assert_allclose(static["score"], scores["score"], rtol=1e-6)
+
+
+def test_an_entity_whose_rows_break_the_contract_is_not_scored_the_others_are(
+    readings: pd.DataFrame,
+) -> None:
+    url = get_settings().warehouse_url
+    _load(url, readings)
+    table = readings_table(load_contract("smd"), sa.MetaData())
+    row = (table.c.entity == "machine-9-2") & (table.c.ts == datetime(2020, 1, 1, 7))
+    with get_engine(url).begin() as conn:  # a writer that bypassed ingest's validation
+        original = conn.scalar(sa.select(table.c.m01).where(row))
+        conn.execute(sa.update(table).where(row).values(m01=99.0))
+    with pytest.raises(DataContractError, match=r"(?s)\['machine-9-2'\].*m01.*99"):
+        scoring_flow(source="smd")
+    scored = _table(url, anomaly_scores, *SCORE_COLUMNS)
+    assert set(scored["entity"]) == {"machine-9-1"} and len(scored) == 500
+
+    with get_engine(url).begin() as conn:
+        conn.execute(sa.update(table).where(row).values(m01=original))
+    results = {r.entity: r for r in scoring_flow(source="smd")}
+    assert (results["machine-9-1"].note, results["machine-9-2"].scored) == ("up to date", 500)

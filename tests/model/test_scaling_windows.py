@@ -60,3 +60,20 @@ def test_window_set_gathers_the_windows_it_indexes() -> None:
     batch = windows.batch(torch.tensor([1, 4]))  # (2, 4, 2)
     np.testing.assert_array_equal(batch[0].numpy(), series[0][2:6])
     np.testing.assert_array_equal(batch[1].numpy(), series[1][0:4])
+
+
+def test_scaler_fits_observed_values_and_imputes_the_mean_where_missing_is_allowed() -> None:
+    values = np.array([[1.0, 10.0], [np.nan, 20.0], [3.0, np.nan]])
+    with pytest.raises(ValueError, match="non-finite"):
+        Scaler.fit(values)
+    scaler = Scaler.fit(values, missing_ok=True)
+    np.testing.assert_allclose(scaler.mean, [2.0, 15.0])
+    filled = scaler.impute(values)
+    np.testing.assert_allclose(filled, [[1.0, 10.0], [2.0, 20.0], [3.0, 15.0]])
+    assert scaler.transform(filled)[1, 0] == 0.0 and scaler.transform(filled)[2, 1] == 0.0
+    with pytest.raises(ValueError, match="non-finite"):
+        scaler.transform(values)
+    with pytest.raises(ValueError, match="non-finite"):
+        scaler.impute(np.array([[np.inf, 1.0]]))
+    with pytest.raises(ValueError, match=r"channel\(s\) \[1\] hold no observed value"):
+        Scaler.fit(np.array([[1.0, np.nan], [2.0, np.nan]]), missing_ok=True)

@@ -1,0 +1,94 @@
+"""The ``atp`` command line: options reach the flows, and `contract infer` drafts a usable file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import get_args
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data_contracts import load_contract
+from flows.cli import INGEST_KINDS, _parser, _train_params, main
+from flows.ingest import Kind
+from flows.params import TrainingParams
+
+
+def test_ingest_choices_are_the_ingest_flow_kinds() -> None:
+    assert INGEST_KINDS == list(get_args(Kind))
+
+
+def test_train_options_reach_the_flow_parameters() -> None:
+    args = _parser().parse_args(
+        [
+            "train",
+            "--preset=demo",
+            "--source=pumps",
+            "--max-epochs=2",
+            "--precision=fp32",
+            "--alpha=0.01",
+            "--calibration-method=pot",
+            "--scope=entity",
+            "--gate-metric=auc_pr",
+            "--gate-margin=0.02",
+            "--false-alarm-budget=0.05",
+            "--force",
+        ]
+    )
+    params = _train_params(args)
+    assert params.source == "pumps"
+    assert (params.training.max_epochs, params.training.precision) == (2, "fp32")
+    calibration = params.calibration
+    assert (calibration.alpha, calibration.method, calibration.scope) == (0.01, "pot", "entity")
+    gate = params.gate
+    assert (gate.metric, gate.margin, gate.false_alarm_budget, gate.force) == (
+        "auc_pr",
+        0.02,
+        0.05,
+        True,
+    )
+
+
+def test_train_options_left_out_keep_the_preset() -> None:
+    demo = _train_params(_parser().parse_args(["train", "--preset=demo"]))
+    reference = _train_params(_parser().parse_args(["train"]))
+    assert demo.model.d_model < reference.model.d_model
+    assert reference.training.precision == "auto" and reference.gate.force is False
+
+
+def test_auto_precision_resolves_to_fp32_without_compile_on_the_cpu() -> None:
+    config = TrainingParams(device="cpu").to_config()
+    assert (config.precision, config.compile) == ("fp32", False)
+    explicit = TrainingParams(device="cpu", precision="bf16", compile=True).to_config()
+    assert (explicit.precision, explicit.compile) == ("bf16", True)
+
+
+def _readings(path: Path) -> None:
+    rows = 60
+    frame = pd.DataFrame(
+        {
+            "when": pd.date_range("2024-03-01", periods=rows, freq="1min").astype(str),
+            "pump": np.repeat(["P1", "P2"], rows // 2),
+            "pressure": np.linspace(1.0, 2.0, rows),
+            "flow": np.linspace(10.0, 20.0, rows),
+        }
+    )
+    frame.to_csv(path, index=False)
+
+
+def test_contract_infer_writes_a_loadable_draft_and_never_overwrites_silently(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _readings(tmp_path / "pumps.csv")
+    assert main(["contract", "infer", "pumps.csv", "--name=pumps", "--entity-column=pump"]) == 0
+    contract = load_contract(str(tmp_path / "pumps.yaml"))
+    assert (contract.entity_column, contract.timestamp_column) == ("pump", "when")
+    assert [sensor.name for sensor in contract.sensors] == ["pressure", "flow"]
+
+    before = (tmp_path / "pumps.yaml").read_text()
+    assert main(["contract", "infer", "pumps.csv", "--name=pumps"]) == 2
+    assert "pumps.yaml exists" in capsys.readouterr().err
+    assert (tmp_path / "pumps.yaml").read_text() == before
+    assert main(["contract", "infer", "pumps.csv", "--name=pumps", "--overwrite"]) == 0
