@@ -113,7 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     benchmark.add_argument("path", help="folder with train/, test/ and test_label/")
     benchmark.add_argument(
-        "--detectors", default="random,pca,max_z,knn", help="comma-separated (add 'at')"
+        "--detectors",
+        default="random,pca,max_z,knn",
+        help="comma-separated (add 'anomaly_transformer')",
     )
     benchmark.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     benchmark.add_argument("--alpha", type=float, default=0.005, help="honest false-alarm rate")

@@ -15,8 +15,8 @@ Kind = Literal["smd", "csv", "parquet", "nab", "skab", "ucr", "smap", "msl", "ps
 def ingest_flow(path: str, kind: Kind = "smd", contract: str | None = None) -> IngestSummary:
     """Load ``path`` idempotently: loading the same files again changes nothing.
 
-    ``csv``/``parquet`` need ``contract`` (a name or a YAML path); a benchmark layout uses its
-    bundled contract of the same name unless ``contract`` names another.
+    ``csv``/``parquet`` read through ``contract`` (a name or a YAML path; default ``smd``); a
+    benchmark layout uses its bundled contract of the same name unless ``contract`` names another.
     """
     warehouse_url = get_settings().warehouse_url
     if kind == "smd":
