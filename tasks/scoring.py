@@ -261,9 +261,11 @@ def _score_entities(
     win = loaded.checkpoint.model_cfg.win_size
     results: list[EntityResult] = []
     rejected: dict[str, str] = {}
+    position: dict[str, int] = {}
     for batch in _batches(pending):
         ready = []
         for item in batch:
+            position[item.entity] = len(position)
             if (result := _not_scoreable(loaded, item, empty)) is not None:
                 results.append(result)
             else:
@@ -290,7 +292,7 @@ def _score_entities(
             f"{len(rejected)} entit{'y' if len(rejected) == 1 else 'ies'} not scored: "
             f"{sorted(rejected)} (entities scored: {scored})\n\n" + "\n\n".join(rejected.values())
         )
-    return results
+    return sorted(results, key=lambda result: position[result.entity])
 
 
 def _score_in_chunks(
