@@ -89,10 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     backfill.add_argument("--alias", default="champion")
     for command in (score, backfill):
         command.add_argument(
-            "--event-gap", type=int, default=10, help="quiet points that still join two alarms"
+            "--event-gap", type=int, help="quiet points that still join two alarms (default 10)"
         )
         command.add_argument(
-            "--event-min-length", type=int, default=1, help="fewest alarm points in an event"
+            "--event-min-length", type=int, help="fewest alarm points in an event (default 1)"
         )
 
     events = commands.add_parser("events", help="alarm events, newest first")
@@ -160,6 +160,11 @@ def _train_params(args: argparse.Namespace) -> Any:
     )
 
 
+def _event_rules(args: argparse.Namespace) -> dict[str, Any]:
+    """The event options given; the flows' defaults apply to the others."""
+    return _given(event_gap=args.event_gap, event_min_length=args.event_min_length)
+
+
 def _csv(text: str, kind: type = str) -> tuple[Any, ...]:
     return tuple(kind(part.strip()) for part in text.split(",") if part.strip())
 
@@ -171,8 +176,6 @@ def _run(args: argparse.Namespace) -> object:
     from flows.scoring import backfill_flow, scoring_flow
     from flows.training import training_flow
 
-    events = {"event_gap": getattr(args, "event_gap", 10)}
-    events["event_min_length"] = getattr(args, "event_min_length", 1)
     match args.command:
         case "ingest":
             return ingest_flow(args.path, kind=args.kind, contract=args.contract)
@@ -185,11 +188,18 @@ def _run(args: argparse.Namespace) -> object:
             return training_flow(_train_params(args))
         case "score":
             return scoring_flow(
-                source=args.source, alias=args.alias, threshold_mode=args.threshold_mode, **events
+                source=args.source,
+                alias=args.alias,
+                threshold_mode=args.threshold_mode,
+                **_event_rules(args),
             )
         case "backfill":
             return backfill_flow(
-                source=args.source, start=args.start, end=args.end, alias=args.alias, **events
+                source=args.source,
+                start=args.start,
+                end=args.end,
+                alias=args.alias,
+                **_event_rules(args),
             )
         case "events":
             return operations.events_flow(args.source, not args.all, args.limit)
