@@ -1,4 +1,4 @@
-"""Benchmark flow: detectors on an SMD-layout folder under the reference and the honest protocol."""
+"""Benchmark flow: detectors on a folder in any loader's layout, reference and honest protocol."""
 
 from pathlib import Path
 
@@ -10,6 +10,7 @@ from tasks.benchmark import (
     run_benchmark_task,
     write_tables_task,
 )
+from tasks.benchmark_entities import MIN_FIT_ROWS
 from tasks.settings import get_settings
 
 
@@ -21,19 +22,29 @@ def benchmark_flow(
     alpha: float = 0.005,
     anomaly_ratio: float = 0.5,
     out_dir: str | None = None,
+    layout: str = "smd",
+    min_fit_rows: int = MIN_FIT_ROWS,
 ) -> BenchmarkTables:
     """Write ``benchmark.csv`` and ``benchmark.md`` (default: under ATP_HOME); log to MLflow."""
     settings = get_settings()
-    rows = run_benchmark_task(
-        Path(path), list(detectors), list(seeds), alpha=alpha, anomaly_ratio=anomaly_ratio
+    run = run_benchmark_task(
+        Path(path),
+        list(detectors),
+        list(seeds),
+        layout=layout,
+        alpha=alpha,
+        anomaly_ratio=anomaly_ratio,
+        min_fit_rows=min_fit_rows,
     )
-    tables = write_tables_task(rows, Path(out_dir) if out_dir else settings.home / "benchmark")
+    tables = write_tables_task(run, Path(out_dir) if out_dir else settings.home / "benchmark")
     params = {
         "path": path,
+        "layout": layout,
         "detectors": detectors,
         "seeds": seeds,
         "alpha": alpha,
         "anomaly_ratio": anomaly_ratio,
+        "min_fit_rows": min_fit_rows,
     }
     log_benchmark_task(settings, tables, params)
     return tables

@@ -11,7 +11,10 @@ from typing import Any
 from tasks.settings import apply_quiet_defaults
 
 INGEST_KINDS = ["smd", "csv", "parquet", "nab", "skab", "ucr", "smap", "msl", "psm", "swat"]
+BENCHMARK_LAYOUTS = [k for k in INGEST_KINDS if k not in ("csv", "parquet")]
 COLUMN_OPTIONS = ("entity", "timestamp", "label", "sensor", "value")
+# TrainFlowParams.detector's values (not imported here: the parser stays free of torch).
+TRAIN_MODELS = ["anomaly_transformer", "pca", "knn", "max_z", "isolation_forest"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train, calibrate, evaluate and register a model")
     train.add_argument("--source", default="smd", help="data contract / source name")
+    train.add_argument(
+        "--model",
+        choices=TRAIN_MODELS,
+        help="the model trained (default anomaly_transformer); a baseline is fitted per entity",
+    )
     train.add_argument(
         "--preset",
         choices=["reference", "demo"],
@@ -94,6 +102,14 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--event-min-length", type=int, help="fewest alarm points in an event (default 1)"
         )
+        command.add_argument(
+            "--partitions", type=int, help="groups of entities scored at once (default 1)"
+        )
+        command.add_argument(
+            "--task-runner",
+            choices=["threads", "dask"],
+            help="where partitions run: threads (default) or dask (ATP_DASK_ADDRESS, else local)",
+        )
 
     events = commands.add_parser("events", help="alarm events, newest first")
     events.add_argument("--source", help="only this source")
@@ -109,9 +125,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--interval", type=int, help="seconds between runs (overrides --cron)")
 
     benchmark = commands.add_parser(
-        "benchmark", help="detectors on an SMD-layout folder, honest and reference protocols"
+        "benchmark", help="detectors on a benchmark folder, honest and reference protocols"
     )
-    benchmark.add_argument("path", help="folder with train/, test/ and test_label/")
+    benchmark.add_argument("path", help="a folder in LAYOUT (see docs/loaders.md)")
+    benchmark.add_argument(
+        "--layout", choices=BENCHMARK_LAYOUTS, default="smd", help="layout of PATH (default smd)"
+    )
     benchmark.add_argument(
         "--detectors",
         default="random,pca,max_z,knn",
@@ -119,6 +138,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     benchmark.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     benchmark.add_argument("--alpha", type=float, default=0.005, help="honest false-alarm rate")
+    benchmark.add_argument(
+        "--anomaly-ratio", type=float, default=0.5, help="reference protocol's percentage"
+    )
+    benchmark.add_argument(
+        "--min-fit-rows", type=int, help="skip entities with a shorter fit part (default 100)"
+    )
     benchmark.add_argument("--out", help="folder for benchmark.csv/.md (default under ATP_HOME)")
 
     commands.add_parser("status", help="what is in the warehouse and the registry")
@@ -152,6 +177,7 @@ def _train_params(args: argparse.Namespace) -> Any:
         update={
             "source": args.source,
             "train_end": args.train_end,
+            "detector": args.model or base.detector,
             "promote": args.promote or base.promote,
             "training": base.training.model_copy(update=training),
             "calibration": base.calibration.model_copy(update=calibration),
@@ -163,6 +189,11 @@ def _train_params(args: argparse.Namespace) -> Any:
 def _event_rules(args: argparse.Namespace) -> dict[str, Any]:
     """The event options given; the flows' defaults apply to the others."""
     return _given(event_gap=args.event_gap, event_min_length=args.event_min_length)
+
+
+def _partitioning(args: argparse.Namespace) -> dict[str, Any]:
+    """The partitioning options given; the flows' defaults apply to the others."""
+    return _given(partitions=args.partitions, task_runner=args.task_runner)
 
 
 def _csv(text: str, kind: type = str) -> tuple[Any, ...]:
@@ -192,6 +223,7 @@ def _run(args: argparse.Namespace) -> object:
                 alias=args.alias,
                 threshold_mode=args.threshold_mode,
                 **_event_rules(args),
+                **_partitioning(args),
             )
         case "backfill":
             return backfill_flow(
@@ -200,6 +232,7 @@ def _run(args: argparse.Namespace) -> object:
                 end=args.end,
                 alias=args.alias,
                 **_event_rules(args),
+                **_partitioning(args),
             )
         case "events":
             return operations.events_flow(args.source, not args.all, args.limit)
@@ -213,7 +246,10 @@ def _run(args: argparse.Namespace) -> object:
                 detectors=_csv(args.detectors),
                 seeds=_csv(args.seeds, int),
                 alpha=args.alpha,
+                anomaly_ratio=args.anomaly_ratio,
                 out_dir=args.out,
+                layout=args.layout,
+                **_given(min_fit_rows=args.min_fit_rows),
             )
         case "status":
             return operations.status_flow()

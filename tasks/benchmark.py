@@ -1,22 +1,25 @@
-"""Benchmark detectors on a dataset in SMD layout under the reference and the honest protocol.
+"""Benchmark detectors on any layout the loaders read, under the reference and the honest protocol.
 
-Per machine: the fit part is the first ``1 - val_fraction`` of ``train`` (z-scored with its
-statistics), the validation tail the rest. Each detector is fitted on the fit part and scores
-train and test in one streaming pass.
+Per entity (``tasks.benchmark_entities``: the same split and skips for every layout): the fit
+part is the first ``1 - val_fraction`` of the training range (z-scored with its statistics), the
+validation tail the rest. Each detector is fitted on the fit part and scores train and test in
+one streaming pass.
 
 * Honest protocol: the split-conformal threshold at ``alpha`` on the validation-tail scores;
   threshold-free VUS-PR / AUC-PR / AUROC and point-wise F1 and false-alarm rate on normal points.
 * Reference protocol (the paper's, LEAKS TEST DATA): the percentile ``100 - anomaly_ratio`` of
   train + test scores as threshold, then point adjustment (``reference_pa_f1``).
 
-Detectors with a seed (``random``, ``anomaly_transformer``) run once per seed; deterministic ones
-run once. The Anomaly Transformer is trained per machine (``AT_MODEL``, ``AT_TRAINING``: a small
-model, few epochs) with the validation tail for early stopping; its honest score is
-``recon_last`` and its reference score the paper's ``reference`` (train and test scored apart).
+Detectors with a seed (``random``, ``anomaly_transformer``, any baseline whose constructor takes
+``seed``) run once per seed; deterministic ones run once. The Anomaly Transformer is trained per
+entity (``AT_MODEL``, ``AT_TRAINING``: a small model, few epochs) with the validation tail for
+early stopping; its honest score is ``recon_last`` and its reference score the paper's
+``reference`` (train and test scored apart).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +31,14 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from model.baselines import make_detector
+from model.baselines import DETECTORS, make_detector
 from model.config import ModelConfig, TrainConfig
 from model.metrics import auc_pr, auroc, pa_f1, point_metrics, vus_pr
 from model.scaling import Scaler
 from model.scoring import score_series
 from model.thresholds import conformal_threshold, leaky_reference_threshold
 from model.train import fit
-from tasks.errors import IngestError
+from tasks.benchmark_entities import MIN_FIT_ROWS, Entity, select_entities
 from tasks.registry import configure_tracking
 from tasks.settings import Settings
 
@@ -50,7 +53,6 @@ DETECTOR_PARAMS: dict[str, dict[str, Any]] = {
 AT = "anomaly_transformer"
 AT_MODEL = {"win_size": 100, "d_model": 128, "n_heads": 8, "e_layers": 3, "d_ff": 128}
 AT_TRAINING = {"lr": 1e-4, "batch_size": 256, "max_epochs": 3, "stride": 5, "progress": False}
-SEEDED = frozenset({"random", AT})
 METRICS = (
     "honest_vus_pr", "honest_auc_pr", "honest_auroc", "honest_f1", "honest_fpr_normal",
     "reference_pa_f1", "reference_f1",
@@ -59,54 +61,22 @@ EXPERIMENT = "atp-benchmark"
 
 
 @dataclass(frozen=True)
-class Machine:
-    """One entity of an SMD-layout folder: train rows, test rows and test labels."""
+class BenchmarkRun:
+    """One row per (detector, entity, seed) with both protocols' metrics, and the skipped
+    entities as ``"<entity>: <reason>"``."""
 
-    name: str
-    train: np.ndarray
-    test: np.ndarray
-    labels: np.ndarray
+    rows: pd.DataFrame
+    skipped: list[str]
 
 
 @dataclass(frozen=True)
 class BenchmarkTables:
-    """The per-run rows (CSV), the summary table (markdown) and the summary itself."""
+    """The per-run rows (CSV), the summary table (markdown), the summary and the skips."""
 
     csv: Path
     markdown: Path
     summary: pd.DataFrame
-
-
-def smd_machines(root: Path) -> list[str]:
-    """Machines with ``train/``, ``test/`` and ``test_label/`` files (``.txt`` or ``.txt.gz``)."""
-    names = {p.name.split(".txt")[0] for p in (root / "train").glob("*.txt*")}
-    found = sorted(
-        n
-        for n in names
-        if list((root / "test").glob(f"{n}.txt*")) and list((root / "test_label").glob(f"{n}.txt*"))
-    )
-    if not found:
-        raise IngestError(
-            f"{root}: no machine has train/, test/ and test_label/ files (SMD layout)"
-        )
-    return found
-
-
-def load_machine(root: Path, name: str) -> Machine:
-    """One machine's arrays; a label count that differs from the test rows is an error."""
-    (train_file,), (test_file,) = (
-        (root / "train").glob(f"{name}.txt*"),
-        (root / "test").glob(f"{name}.txt*"),
-    )
-    (label_file,) = (root / "test_label").glob(f"{name}.txt*")
-    train = np.loadtxt(train_file, delimiter=",", dtype=np.float64, ndmin=2)
-    test = np.loadtxt(test_file, delimiter=",", dtype=np.float64, ndmin=2)
-    labels = np.loadtxt(label_file, dtype=np.int64, ndmin=1)
-    if labels.shape[0] != test.shape[0]:
-        raise IngestError(
-            f"{label_file}: {labels.shape[0]} labels for {test.shape[0]} rows of {test_file}"
-        )
-    return Machine(name, train, test, labels)
+    skipped: list[str]
 
 
 def transformer_scores(
@@ -132,7 +102,7 @@ def detector_scores(
     """(honest, reference) scores of train + test; the same array for a baseline detector."""
     if name == AT:
         return transformer_scores(rows, n_fit, n_train, seed or 0)
-    params = DETECTOR_PARAMS[name] | ({} if seed is None else {"seed": seed})
+    params = DETECTOR_PARAMS.get(name, {}) | ({} if seed is None else {"seed": seed})
     scores = make_detector(name, **params).fit(rows[:n_fit]).score(rows)
     return scores, scores
 
@@ -162,28 +132,33 @@ def protocol_metrics(
     }
 
 
-def benchmark_machine(
-    machine: Machine,
+def seeded(name: str) -> bool:
+    """Whether ``name`` runs once per seed: the Anomaly Transformer or a baseline taking a seed."""
+    return name == AT or "seed" in inspect.signature(DETECTORS[name]).parameters
+
+
+def benchmark_entity(
+    entity: Entity,
     detectors: list[str],
     seeds: list[int],
     alpha: float,
     anomaly_ratio: float,
     val_fraction: float,
 ) -> list[dict[str, Any]]:
-    """Rows of (detector, machine, seed, metrics) for one machine."""
-    n_train = machine.train.shape[0]
-    n_fit = int(round((1 - val_fraction) * n_train))
-    rows = Scaler.fit(machine.train[:n_fit]).transform(
-        np.concatenate((machine.train, machine.test))
-    )
+    """Rows of (detector, entity, seed, validation rows, metrics) for one entity."""
+    n_train, n_fit = entity.train.shape[0], entity.fit_rows(val_fraction)
+    rows = Scaler.fit(entity.train[:n_fit]).transform(np.concatenate((entity.train, entity.test)))
     results = []
     for name in detectors:
-        for seed in seeds if name in SEEDED else [None]:
+        for seed in seeds if seeded(name) else [None]:
             scores = detector_scores(name, seed, rows, n_fit, n_train)
-            metrics = protocol_metrics(scores, n_fit, n_train, machine.labels, alpha, anomaly_ratio)
-            results.append({"detector": name, "machine": machine.name, "seed": seed, **metrics})
+            metrics = protocol_metrics(scores, n_fit, n_train, entity.labels, alpha, anomaly_ratio)
+            results.append(
+                {"detector": name, "entity": entity.name, "seed": seed}
+                | {"val_rows": n_train - n_fit, **metrics}
+            )
             log.info(
-                "%s %s seed %s: VUS-PR %.3f", machine.name, name, seed, metrics["honest_vus_pr"]
+                "%s %s seed %s: VUS-PR %.3f", entity.name, name, seed, metrics["honest_vus_pr"]
             )
     return results
 
@@ -193,25 +168,28 @@ def run_benchmark(
     detectors: list[str],
     seeds: list[int],
     *,
+    layout: str = "smd",
     alpha: float = 0.005,
     anomaly_ratio: float = 0.5,
     val_fraction: float = 0.2,
-) -> pd.DataFrame:
-    """Every detector on every machine of ``root``: one row per (detector, machine, seed)."""
-    known = [*DETECTOR_PARAMS, AT]
+    min_fit_rows: int = MIN_FIT_ROWS,
+) -> BenchmarkRun:
+    """Every detector on every entity of ``root`` (in ``layout``) that can be benchmarked."""
+    known = [*DETECTORS, AT]
     unknown = sorted(set(detectors) - set(known))
     if unknown:
         raise ValueError(f"unknown detectors {unknown}: choose from {sorted(known)}")
+    selection = select_entities(root, layout, val_fraction=val_fraction, min_fit_rows=min_fit_rows)
+    for skip in selection.skipped:
+        log.info("skipped %s", skip)
     rows = []
-    for name in smd_machines(root):
-        rows += benchmark_machine(
-            load_machine(root, name), detectors, seeds, alpha, anomaly_ratio, val_fraction
-        )
-    return pd.DataFrame(rows)
+    for entity in selection.entities:
+        rows += benchmark_entity(entity, detectors, seeds, alpha, anomaly_ratio, val_fraction)
+    return BenchmarkRun(pd.DataFrame(rows), selection.skipped)
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation of each metric over machines and seeds, per detector."""
+    """Mean and standard deviation of each metric over entities and seeds, per detector."""
     grouped = rows.groupby("detector", sort=False)[list(METRICS)]
     summary = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=0).add_suffix("_std"))
     summary.insert(0, "runs", rows.groupby("detector", sort=False).size())
@@ -228,14 +206,17 @@ def markdown_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_tables(rows: pd.DataFrame, out_dir: Path) -> BenchmarkTables:
-    """``benchmark.csv`` (every run) and ``benchmark.md`` (the summary) under ``out_dir``."""
+def write_tables(run: BenchmarkRun, out_dir: Path) -> BenchmarkTables:
+    """``benchmark.csv`` (every run) and ``benchmark.md`` (the summary, then the skipped
+    entities) under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarise(rows)
+    summary = summarise(run.rows)
     csv, markdown = out_dir / "benchmark.csv", out_dir / "benchmark.md"
-    rows.to_csv(csv, index=False, float_format="%.6g")
-    markdown.write_text(markdown_table(summary))
-    return BenchmarkTables(csv, markdown, summary)
+    run.rows.to_csv(csv, index=False, float_format="%.6g")
+    skipped = "".join(f"- {skip}\n" for skip in run.skipped)
+    header = f"\nSkipped {len(run.skipped)} entities:\n\n" if run.skipped else ""
+    markdown.write_text(markdown_table(summary) + header + skipped)
+    return BenchmarkTables(csv, markdown, summary, run.skipped)
 
 
 def log_benchmark(settings: Settings, tables: BenchmarkTables, params: dict[str, Any]) -> str:
@@ -246,6 +227,7 @@ def log_benchmark(settings: Settings, tables: BenchmarkTables, params: dict[str,
     with mlflow.start_run(experiment_id=experiment, run_name="benchmark") as run:
         mlflow.set_tag("reference_protocol", "LEAKS TEST DATA (threshold from train + test scores)")
         mlflow.log_params({k: str(v) for k, v in params.items()})
+        mlflow.log_metric("entities_skipped", len(tables.skipped))
         for detector, row in tables.summary.iterrows():
             mlflow.log_metrics(
                 {f"{detector}.{k}": float(v) for k, v in row.items() if k.endswith("_mean")}

@@ -1,4 +1,5 @@
-"""The benchmark on a tiny SMD-layout folder: both protocols, seeds, tables, bad layouts."""
+"""The benchmark on a tiny SMD-layout folder: both protocols, seeds, tables, bad layouts.
+The other layouts: tests/tasks/test_benchmark_layouts.py."""
 
 from __future__ import annotations
 
@@ -32,13 +33,15 @@ def write_smd(root: Path, machines: tuple[str, ...] = ("m-1", "m-2")) -> Path:
 
 
 def test_both_protocols_over_machines_and_seeds(tmp_path: Path) -> None:
-    rows = run_benchmark(write_smd(tmp_path / "smd"), ["random", "max_z"], [0, 1])
+    run = run_benchmark(write_smd(tmp_path / "smd"), ["random", "max_z"], [0, 1])
+    rows = run.rows
     assert rows.groupby("detector").size().to_dict() == {"random": 4, "max_z": 2}
     max_z, chance = rows[rows["detector"] == "max_z"], rows[rows["detector"] == "random"]
     assert max_z["honest_vus_pr"].min() > 0.8 > 0.3 > chance["honest_vus_pr"].max()
     assert (rows["reference_pa_f1"] >= rows["reference_f1"]).all()
     assert chance["honest_fpr_normal"].between(0, 0.05).all()
-    tables = write_tables(rows, tmp_path / "out")
+    assert run.skipped == [] and (rows["val_rows"] == TRAIN - round(0.8 * TRAIN)).all()
+    tables = write_tables(run, tmp_path / "out")
     assert tables.summary.loc["random", "runs"] == 4
     assert tables.summary.loc["max_z", "honest_vus_pr_std"] >= 0
     text = tables.markdown.read_text()
@@ -50,6 +53,8 @@ def test_unknown_detector_and_bad_layouts_are_named(tmp_path: Path) -> None:
     root = write_smd(tmp_path / "smd", ("m-1",))
     with pytest.raises(ValueError, match="unknown detectors \\['lstm'\\]"):
         run_benchmark(root, ["lstm"], [0])
+    with pytest.raises(ValueError, match="unknown layout 'yahoo'"):
+        run_benchmark(root, ["pca"], [0], layout="yahoo")
     with pytest.raises(IngestError, match="no machine has train/, test/ and test_label/"):
         run_benchmark(tmp_path, ["pca"], [0])
     np.savetxt(root / "test_label" / "m-1.txt", np.zeros(TEST - 1), fmt="%d")
@@ -58,7 +63,7 @@ def test_unknown_detector_and_bad_layouts_are_named(tmp_path: Path) -> None:
 
 
 def test_anomaly_transformer_runs_under_both_protocols(tmp_path: Path) -> None:
-    rows = run_benchmark(write_smd(tmp_path / "smd", ("m-1",)), ["anomaly_transformer"], [0])
-    (row,) = rows.to_dict("records")
+    run = run_benchmark(write_smd(tmp_path / "smd", ("m-1",)), ["anomaly_transformer"], [0])
+    (row,) = run.rows.to_dict("records")
     assert row["detector"] == "anomaly_transformer" and row["seed"] == 0
     assert 0.0 <= row["honest_vus_pr"] <= 1.0 and row["reference_pa_f1"] >= row["reference_f1"]

@@ -1,0 +1,152 @@
+"""The entities a benchmark runs on: every layout read by its loader, one split, explicit skips.
+
+An entity's training range is its rows before the first labelled row (``label`` null in the
+loaders' warehouse frames; ``train/`` in SMD), its test range the labelled rows. The fit part is
+the first ``1 - val_fraction`` of the training range, the validation tail the rest. An entity is
+skipped, with its reason, when its fit part is shorter than ``min_fit_rows`` or its test range
+lacks a labelled anomaly or a normal point (VUS-PR, AUC-PR and AUROC are undefined then); the
+entities a loader itself skips are listed with its reason too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks.errors import IngestError
+from tasks.loaders import LOADERS
+
+LAYOUTS = ("smd", *LOADERS)
+# One window of the benchmark's Anomaly Transformer, so every detector sees the same entities.
+MIN_FIT_ROWS = 100
+_SMD_PARTS = ("train", "test", "test_label")
+
+
+@dataclass(frozen=True)
+class Entity:
+    """One series: the training range ``(T, C)``, the test range ``(T2, C)`` and its 0/1 labels."""
+
+    name: str
+    train: np.ndarray
+    test: np.ndarray
+    labels: np.ndarray
+
+    def fit_rows(self, val_fraction: float) -> int:
+        """Rows of the fit part: the first ``1 - val_fraction`` of the training range."""
+        return int(round((1 - val_fraction) * self.train.shape[0]))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The entities to benchmark, in the loader's order, and ``"<entity>: <reason>"`` skips."""
+
+    entities: list[Entity]
+    skipped: list[str]
+
+
+def smd_machines(root: Path) -> list[str]:
+    """Machines with ``train/``, ``test/`` and ``test_label/`` files (``.txt`` or ``.txt.gz``)."""
+    names = {p.name.split(".txt")[0] for p in (root / "train").glob("*.txt*")}
+    found = sorted(
+        n
+        for n in names
+        if list((root / "test").glob(f"{n}.txt*")) and list((root / "test_label").glob(f"{n}.txt*"))
+    )
+    if not found:
+        raise IngestError(
+            f"{root}: no machine has train/, test/ and test_label/ files (SMD layout)"
+        )
+    return found
+
+
+def load_machine(root: Path, name: str) -> Entity:
+    """One SMD machine (any number of sensors); a label count unlike the test rows is an error."""
+    (train_file,), (test_file,), (label_file,) = (
+        tuple((root / part).glob(f"{name}.txt*")) for part in _SMD_PARTS
+    )
+    train = np.loadtxt(train_file, delimiter=",", dtype=np.float64, ndmin=2)
+    test = np.loadtxt(test_file, delimiter=",", dtype=np.float64, ndmin=2)
+    labels = np.loadtxt(label_file, dtype=np.int64, ndmin=1)
+    if labels.shape[0] != test.shape[0]:
+        raise IngestError(
+            f"{label_file}: {labels.shape[0]} labels for {test.shape[0]} rows of {test_file}"
+        )
+    return Entity(name, train, test, labels)
+
+
+def frame_entities(frame: pd.DataFrame, root: Path) -> list[Entity]:
+    """Entities of a warehouse frame (``entity, ts, sensors..., label``), in order of appearance."""
+    sensors = [c for c in frame.columns if c not in ("entity", "ts", "label")]
+    entities = []
+    for name, rows in frame.groupby("entity", sort=False):
+        labelled = rows["label"].notna().to_numpy()
+        values = rows[sensors].to_numpy(np.float64)
+        if (np.diff(labelled.astype(np.int8)) < 0).any():
+            raise IngestError(f"{root}: entity {name!r} has unlabelled rows after labelled ones")
+        bad = np.argwhere(~np.isfinite(values))
+        if bad.size:
+            row, column = bad[0]
+            raise IngestError(
+                f"{root}: entity {name!r}, sensor {sensors[column]!r}, row {row}: "
+                f"{values[row, column]} ({len(bad)} non-finite values)"
+            )
+        n_train = int((~labelled).sum())
+        labels = rows["label"].iloc[n_train:].to_numpy(np.int64)
+        entities.append(Entity(str(name), values[:n_train], values[n_train:], labels))
+    return entities
+
+
+def read_entities(root: Path, layout: str) -> tuple[list[Entity], list[str]]:
+    """Every entity of ``root`` in ``layout``, and the loader's own skips."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: choose from {list(LAYOUTS)}")
+    if layout == "smd":
+        if (root / "ServerMachineDataset").is_dir():
+            root = root / "ServerMachineDataset"
+        return [load_machine(root, name) for name in smd_machines(root)], []
+    load = LOADERS[layout](root)
+    return frame_entities(load.frame, root), list(load.skipped)
+
+
+def skip_reason(entity: Entity, val_fraction: float, min_fit_rows: int) -> str | None:
+    """Why ``entity`` cannot be benchmarked, or None."""
+    n_fit = entity.fit_rows(val_fraction)
+    if n_fit < min_fit_rows or n_fit == entity.train.shape[0]:
+        return (
+            f"training range of {entity.train.shape[0]} rows: fit part {n_fit} rows, needs "
+            f"{min_fit_rows} and a validation tail"
+        )
+    anomalies = int(entity.labels.sum())
+    if entity.labels.size == 0:
+        return "no test range (every row is in the training range)"
+    if anomalies == 0:
+        return f"no labelled anomaly in its {entity.labels.size} test rows"
+    if anomalies == entity.labels.size:
+        return f"no normal point in its {entity.labels.size} test rows"
+    return None
+
+
+def select_entities(
+    root: Path,
+    layout: str = "smd",
+    *,
+    val_fraction: float = 0.2,
+    min_fit_rows: int = MIN_FIT_ROWS,
+) -> Selection:
+    """The entities of ``root`` that can be benchmarked; IngestError when none can."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    entities, skipped = read_entities(Path(root), layout)
+    kept = []
+    for entity in entities:
+        reason = skip_reason(entity, val_fraction, min_fit_rows)
+        if reason is None:
+            kept.append(entity)
+        else:
+            skipped.append(f"{entity.name}: {reason}")
+    if not kept:
+        raise IngestError(f"{root}: no {layout} entity to benchmark; skipped {skipped}")
+    return Selection(kept, skipped)

@@ -1,0 +1,41 @@
+"""`atp benchmark PATH --layout L`: the flow runs on a loader's layout, lists its skips in the
+table and in MLflow, and refuses a folder with nothing to benchmark."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.cli import BENCHMARK_LAYOUTS, main
+from tasks.benchmark_entities import LAYOUTS
+from tests.tasks.test_loaders import write_nab
+
+
+def test_benchmark_layouts_are_the_loaders() -> None:
+    assert BENCHMARK_LAYOUTS == list(LAYOUTS)
+
+
+def test_benchmark_command_on_nab(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ATP_HOME", str(tmp_path / "home"))
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    write_nab(tmp_path / "nab")
+    options = ["--layout=nab", "--detectors=max_z,random", "--seeds=3", "--anomaly-ratio=5"]
+    out = tmp_path / "out"
+    assert (
+        main(["benchmark", str(tmp_path / "nab"), *options, "--min-fit-rows=12", f"--out={out}"])
+        == 0
+    )
+    assert out.joinpath("benchmark.csv").read_text().count("realX/a") == 2
+    markdown = out.joinpath("benchmark.md").read_text()
+    assert "| max_z | 1 |" in markdown and "Skipped 2 entities:" in markdown
+    client = MlflowClient(tracking)
+    (run,) = client.search_runs([client.get_experiment_by_name("atp-benchmark").experiment_id])
+    assert run.data.params["layout"] == "nab" and run.data.params["anomaly_ratio"] == "5.0"
+    assert run.data.params["seeds"] == "(3,)" and run.data.metrics["entities_skipped"] == 2
+    assert main(["benchmark", str(tmp_path / "nab"), "--layout=nab", f"--out={out}"]) == 2
+    assert "no nab entity to benchmark" in capsys.readouterr().err
