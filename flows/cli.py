@@ -13,8 +13,6 @@ from tasks.settings import apply_quiet_defaults
 INGEST_KINDS = ["smd", "csv", "parquet", "nab", "skab", "ucr", "smap", "msl", "psm", "swat"]
 BENCHMARK_LAYOUTS = [k for k in INGEST_KINDS if k not in ("csv", "parquet")]
 COLUMN_OPTIONS = ("entity", "timestamp", "label", "sensor", "value")
-# TrainFlowParams.detector's values (not imported here: the parser stays free of torch).
-TRAIN_MODELS = ["anomaly_transformer", "pca", "knn", "max_z", "isolation_forest"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,11 +40,6 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train, calibrate, evaluate and register a model")
     train.add_argument("--source", default="smd", help="data contract / source name")
-    train.add_argument(
-        "--model",
-        choices=TRAIN_MODELS,
-        help="the model trained (default anomaly_transformer); a baseline is fitted per entity",
-    )
     train.add_argument(
         "--preset",
         choices=["reference", "demo"],
@@ -101,14 +94,6 @@ def _parser() -> argparse.ArgumentParser:
         )
         command.add_argument(
             "--event-min-length", type=int, help="fewest alarm points in an event (default 1)"
-        )
-        command.add_argument(
-            "--partitions", type=int, help="groups of entities scored at once (default 1)"
-        )
-        command.add_argument(
-            "--task-runner",
-            choices=["threads", "dask"],
-            help="where partitions run: threads (default) or dask (ATP_DASK_ADDRESS, else local)",
         )
 
     events = commands.add_parser("events", help="alarm events, newest first")
@@ -177,7 +162,6 @@ def _train_params(args: argparse.Namespace) -> Any:
         update={
             "source": args.source,
             "train_end": args.train_end,
-            "detector": args.model or base.detector,
             "promote": args.promote or base.promote,
             "training": base.training.model_copy(update=training),
             "calibration": base.calibration.model_copy(update=calibration),
@@ -189,11 +173,6 @@ def _train_params(args: argparse.Namespace) -> Any:
 def _event_rules(args: argparse.Namespace) -> dict[str, Any]:
     """The event options given; the flows' defaults apply to the others."""
     return _given(event_gap=args.event_gap, event_min_length=args.event_min_length)
-
-
-def _partitioning(args: argparse.Namespace) -> dict[str, Any]:
-    """The partitioning options given; the flows' defaults apply to the others."""
-    return _given(partitions=args.partitions, task_runner=args.task_runner)
 
 
 def _csv(text: str, kind: type = str) -> tuple[Any, ...]:
@@ -223,7 +202,6 @@ def _run(args: argparse.Namespace) -> object:
                 alias=args.alias,
                 threshold_mode=args.threshold_mode,
                 **_event_rules(args),
-                **_partitioning(args),
             )
         case "backfill":
             return backfill_flow(
@@ -232,7 +210,6 @@ def _run(args: argparse.Namespace) -> object:
                 end=args.end,
                 alias=args.alias,
                 **_event_rules(args),
-                **_partitioning(args),
             )
         case "events":
             return operations.events_flow(args.source, not args.all, args.limit)
