@@ -153,10 +153,13 @@ def benchmark_entity(
         for seed in seeds if seeded(name) else [None]:
             scores = detector_scores(name, seed, rows, n_fit, n_train)
             metrics = protocol_metrics(scores, n_fit, n_train, entity.labels, alpha, anomaly_ratio)
-            results.append(
-                {"detector": name, "entity": entity.name, "seed": seed}
-                | {"val_rows": n_train - n_fit, **metrics}
-            )
+            run = {
+                "detector": name,
+                "entity": entity.name,
+                "seed": seed,
+                "val_rows": n_train - n_fit,
+            }
+            results.append(run | metrics)
             log.info(
                 "%s %s seed %s: VUS-PR %.3f", entity.name, name, seed, metrics["honest_vus_pr"]
             )
