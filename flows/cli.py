@@ -95,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--event-min-length", type=int, help="fewest alarm points in an event (default 1)"
         )
+        command.add_argument(
+            "--partitions", type=_positive, help="groups of entities scored at once (default 1)"
+        )
+        command.add_argument(
+            "--task-runner",
+            choices=["threads", "dask"],
+            help="where partitions run: threads (default) or dask (ATP_DASK_ADDRESS, else local)",
+        )
 
     events = commands.add_parser("events", help="alarm events, newest first")
     events.add_argument("--source", help="only this source")
@@ -175,6 +183,18 @@ def _event_rules(args: argparse.Namespace) -> dict[str, Any]:
     return _given(event_gap=args.event_gap, event_min_length=args.event_min_length)
 
 
+def _partitioning(args: argparse.Namespace) -> dict[str, Any]:
+    """The partitioning options given; the flows' defaults apply to the others."""
+    return _given(partitions=args.partitions, task_runner=args.task_runner)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _csv(text: str, kind: type = str) -> tuple[Any, ...]:
     return tuple(kind(part.strip()) for part in text.split(",") if part.strip())
 
@@ -202,6 +222,7 @@ def _run(args: argparse.Namespace) -> object:
                 alias=args.alias,
                 threshold_mode=args.threshold_mode,
                 **_event_rules(args),
+                **_partitioning(args),
             )
         case "backfill":
             return backfill_flow(
@@ -210,6 +231,7 @@ def _run(args: argparse.Namespace) -> object:
                 end=args.end,
                 alias=args.alias,
                 **_event_rules(args),
+                **_partitioning(args),
             )
         case "events":
             return operations.events_flow(args.source, not args.all, args.limit)

@@ -2,10 +2,11 @@
 
 from datetime import datetime
 
-from prefect import flow
+from prefect import flow, unmapped
 from prefect.runtime import flow_run
 
 from data_contracts import load_contract
+from tasks.partitions import TaskRunnerKind, gather_partitions, partition_runner, split_entities
 from tasks.registry import load_model_version_task
 from tasks.scoring import (
     EntityResult,
@@ -26,28 +27,37 @@ def scoring_flow(
     threshold_mode: ThresholdMode = "static",
     event_gap: int = 10,
     event_min_length: int = 1,
+    partitions: int = 1,
+    task_runner: TaskRunnerKind = "threads",
 ) -> list[EntityResult]:
     """Score every entity's rows after its watermark with ``models:/<name>@<alias>``.
 
     Each batch also updates the alarm events, a drift check and, with
     ``threshold_mode="adaptive"``, the entity's adaptive threshold, in the scores' transaction.
     Entities whose new rows break the contract are left unscored and fail the run, after the
-    others are scored.
+    others are scored. ``partitions`` > 1 scores that many groups of consecutive entities at
+    once on ``task_runner`` (``dask``: the scheduler at ``ATP_DASK_ADDRESS``, else a local
+    cluster); the results keep the entities' order.
     """
     settings = get_settings()
     contract = load_contract(source)
     options = ScoringOptions(threshold_mode, event_gap, event_min_length)
     loaded = load_model_version_task(settings.model_name, alias)
-    entities = list_entities_task(settings.warehouse_url, contract)
-    return score_new_rows_task(
-        settings.warehouse_url,
-        contract,
-        loaded,
-        entities,
-        run_id=str(flow_run.id),
-        chunk_rows=chunk_rows,
-        options=options,
-    )
+    groups = split_entities(list_entities_task(settings.warehouse_url, contract), partitions)
+    with partition_runner(task_runner, len(groups), settings.dask_address) as runner:
+        futures = runner.map(
+            score_new_rows_task,
+            {
+                "warehouse_url": unmapped(settings.warehouse_url),
+                "contract": unmapped(contract),
+                "loaded": unmapped(loaded),
+                "entities": groups,
+                "run_id": unmapped(str(flow_run.id)),
+                "chunk_rows": unmapped(chunk_rows),
+                "options": unmapped(options),
+            },
+        )
+        return gather_partitions(futures)
 
 
 @flow(name="backfill", log_prints=True)
@@ -59,25 +69,33 @@ def backfill_flow(
     chunk_rows: int = 50_000,
     event_gap: int = 10,
     event_min_length: int = 1,
+    partitions: int = 1,
+    task_runner: TaskRunnerKind = "threads",
 ) -> list[EntityResult]:
     """Re-score ``start <= ts < end`` for every entity; safe to re-run (upserts, same scores).
 
     Backfills use the static threshold (never the adaptive state) and re-derive the events they
-    touch with the same rules as the scheduled flow.
+    touch with the same rules as the scheduled flow. ``partitions`` and ``task_runner`` as in
+    :func:`scoring_flow`.
     """
     settings = get_settings()
     contract = load_contract(source)
     options = ScoringOptions(event_gap=event_gap, event_min_length=event_min_length)
     loaded = load_model_version_task(settings.model_name, alias)
-    entities = list_entities_task(settings.warehouse_url, contract)
-    return backfill_range_task(
-        settings.warehouse_url,
-        contract,
-        loaded,
-        entities,
-        start=start,
-        end=end,
-        run_id=str(flow_run.id),
-        chunk_rows=chunk_rows,
-        options=options,
-    )
+    groups = split_entities(list_entities_task(settings.warehouse_url, contract), partitions)
+    with partition_runner(task_runner, len(groups), settings.dask_address) as runner:
+        futures = runner.map(
+            backfill_range_task,
+            {
+                "warehouse_url": unmapped(settings.warehouse_url),
+                "contract": unmapped(contract),
+                "loaded": unmapped(loaded),
+                "entities": groups,
+                "start": unmapped(start),
+                "end": unmapped(end),
+                "run_id": unmapped(str(flow_run.id)),
+                "chunk_rows": unmapped(chunk_rows),
+                "options": unmapped(options),
+            },
+        )
+        return gather_partitions(futures)

@@ -23,6 +23,7 @@ class Settings:
     warehouse_url: str
     mlflow_tracking_uri: str
     model_name: str
+    dask_address: str | None = None  # a running Dask scheduler for task_runner="dask"
 
     @property
     def parquet_dir(self) -> Path:
@@ -61,6 +62,7 @@ def get_settings() -> Settings:
         warehouse_url=env.get("ATP_WAREHOUSE_URL") or f"sqlite:///{home / 'warehouse.db'}",
         mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
         model_name=env.get("ATP_MODEL_NAME", "anomaly-transformer"),
+        dask_address=env.get("ATP_DASK_ADDRESS") or None,
     )
 
 
