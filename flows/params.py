@@ -98,6 +98,13 @@ class TrainFlowParams(BaseModel):
     source: str = "smd"
     train_end: datetime | None = None
     scoring_method: Literal["recon_last", "reference_last"] = "recon_last"
+    detector: Literal["anomaly_transformer", "pca", "knn", "max_z", "isolation_forest"] = Field(
+        "anomaly_transformer",
+        description=(
+            "the model trained: the Anomaly Transformer, or a baseline fitted per entity on the "
+            "same scaled fit part (model and training settings and scoring_method then unused)"
+        ),
+    )
     model: ModelParams = ModelParams()
     training: TrainingParams = TrainingParams()
     calibration: CalibrationParams = CalibrationParams()

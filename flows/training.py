@@ -15,8 +15,9 @@ from tasks.windowing import build_dataset_task
 
 @flow(name="train", log_prints=True)
 def training_flow(params: TrainFlowParams = TrainFlowParams()) -> TrainingSummary:  # noqa: B008
-    """Train one model for a source; it becomes the challenger, and champion if ``promote`` and
-    it passes the promotion gate (``params.gate``; ``gate.force`` overrides, logged as forced)."""
+    """Train one model for a source (``params.detector``: the Anomaly Transformer or a baseline);
+    it becomes the challenger, and champion if ``promote`` and it passes the promotion gate
+    (``params.gate``; ``gate.force`` overrides, logged as forced)."""
     settings = get_settings()
     contract = load_contract(params.source)
     run_dir = settings.home / "runs" / params.source
@@ -34,6 +35,7 @@ def training_flow(params: TrainFlowParams = TrainFlowParams()) -> TrainingSummar
         params.training.to_config(),
         run_dir / "trained.ckpt",
         scoring_method=params.scoring_method,
+        detector=params.detector,
     )
     calibration = calibrate_task(
         trained.checkpoint,

@@ -2,24 +2,30 @@
 
 Every detector follows :class:`Detector`: ``fit(train)`` on a `(T, C)` float array returns the
 detector, ``score(values)`` gives `(T,)` scores where higher means more anomalous, and the score of
-row ``t`` depends only on rows ``<= t`` (streaming-safe). Each detector standardises its inputs with
-the mean and standard deviation of its training rows (:class:`model.scaling.Scaler`), which is a
-no-op on inputs the caller already z-scored and makes raw inputs work too. ``to_dict()`` gives the
-fitted state as JSON-able data; :func:`detector_from_dict` restores any detector from it.
+row ``t`` depends only on rows ``t - win_size + 1 .. t`` (streaming-safe).
+``score_contributions(values)`` gives the same scores and a `(T, C)` attribution per channel whose
+rows sum to the score. Each detector standardises its inputs with the mean and standard deviation
+of its training rows (:class:`model.scaling.Scaler`), which is a no-op on inputs the caller already
+z-scored and makes raw inputs work too. ``to_dict()`` gives the fitted state as JSON-able data;
+:func:`detector_from_dict` restores any detector from it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, ClassVar, Protocol, Self
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from model.detector_base import Scores, Standardised, positive_int, seed_value, spread
+from model.isolation_forest import IsolationForestDetector
 from model.scaling import Scaler
 
 __all__ = [
     "DETECTORS",
     "Detector",
+    "IsolationForestDetector",
     "KnnDetector",
     "MaxZDetector",
     "PcaDetector",
@@ -37,61 +43,21 @@ class Detector(Protocol):
 
     name: ClassVar[str]
 
+    @property
+    def win_size(self) -> int: ...
+
     def fit(self, train: ArrayLike) -> Self: ...
 
     def score(self, values: ArrayLike) -> NDArray[np.float64]: ...
 
+    def score_contributions(
+        self, values: ArrayLike
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]: ...
+
     def to_dict(self) -> dict[str, Any]: ...
 
 
-def _matrix(values: ArrayLike, name: str, n_channels: int | None = None) -> NDArray[np.float64]:
-    """``values`` as a finite float64 `(T, C)` array, T, C >= 1, with ``n_channels`` columns."""
-    try:
-        array = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{name} must be a numeric (T, C) array, got {values!r:.80}") from error
-    if array.ndim != 2 or 0 in array.shape:
-        raise ValueError(f"{name} must be a non-empty (T, C) array, got shape {array.shape}")
-    bad = np.argwhere(~np.isfinite(array))
-    if bad.size:
-        row, column = bad[0]
-        raise ValueError(f"{name} must be finite, got {array[row, column]} at ({row}, {column})")
-    if n_channels is not None and array.shape[1] != n_channels:
-        raise ValueError(f"{name} must have {n_channels} columns as in fit, got {array.shape[1]}")
-    return array
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
-class _Standardised:
-    """Shared state of the detectors: the training statistics used to standardise inputs."""
-
-    name: ClassVar[str]
-    scaler: Scaler | None = None
-
-    def _fit_rows(self, train: ArrayLike) -> NDArray[np.float64]:
-        """Fit the scaler on ``train`` and return the standardised training rows."""
-        rows = _matrix(train, "train")
-        self.scaler = Scaler.fit(rows)
-        return (rows - self.scaler.mean) / self.scaler.scale
-
-    def _standardise(self, values: ArrayLike) -> NDArray[np.float64]:
-        if self.scaler is None:
-            raise ValueError(f"{self.name} detector must be fitted before score, got scaler None")
-        rows = _matrix(values, "values", self.scaler.n_channels)
-        return (rows - self.scaler.mean) / self.scaler.scale
-
-    def _state(self, **fitted: Any) -> dict[str, Any]:
-        if self.scaler is None:
-            raise ValueError(f"{self.name} detector must be fitted before to_dict, got None")
-        return {"name": self.name, "scaler": self.scaler.to_dict(), **fitted}
-
-
-class PcaDetector(_Standardised):
+class PcaDetector(Standardised):
     """Sum over channels of the squared residual after projection onto the principal components.
 
     Keeps the fewest components whose cumulative share of the training variance is at least
@@ -109,7 +75,7 @@ class PcaDetector(_Standardised):
             raise ValueError(f"variance must be in (0, 1], got {variance!r}")
         self.variance = float(variance)
         if n_components is not None:
-            n_components = _positive_int(n_components, "n_components")
+            n_components = positive_int(n_components, "n_components")
         self.n_components = n_components
         self.components = np.zeros((0, 0))
 
@@ -128,9 +94,13 @@ class PcaDetector(_Standardised):
         return self
 
     def score(self, values: ArrayLike) -> NDArray[np.float64]:
+        return self.score_contributions(values)[0]
+
+    def score_contributions(self, values: ArrayLike) -> Scores:
+        """Contributions: each channel's squared residual."""
         rows = self._standardise(values)
-        residual = rows - (rows @ self.components.T) @ self.components
-        return np.sum(residual**2, axis=1)
+        squared = (rows - (rows @ self.components.T) @ self.components) ** 2
+        return np.sum(squared, axis=1), squared
 
     def to_dict(self) -> dict[str, Any]:
         return self._state(
@@ -148,7 +118,7 @@ class PcaDetector(_Standardised):
         return detector
 
 
-class KnnDetector(_Standardised):
+class KnnDetector(Standardised):
     """Mean Euclidean distance from the window ending at each row to its ``k`` nearest reference
     windows.
 
@@ -161,9 +131,9 @@ class KnnDetector(_Standardised):
     name = "knn"
 
     def __init__(self, window: int = 10, k: int = 5, stride: int = 2) -> None:
-        self.window = _positive_int(window, "window")
-        self.k = _positive_int(k, "k")
-        self.stride = _positive_int(stride, "stride")
+        self.window = positive_int(window, "window")
+        self.k = positive_int(k, "k")
+        self.stride = positive_int(stride, "stride")
         self.rows = np.zeros((0, 0))
         self._reference = np.zeros((0, 0))
         self._reference_norms = np.zeros(0)
@@ -184,12 +154,20 @@ class KnnDetector(_Standardised):
         self._reference = windows[starts].transpose(0, 2, 1).reshape(starts.size, -1)
         self._reference_norms = np.sum(self._reference**2, axis=1)
 
-    def score(self, values: ArrayLike) -> NDArray[np.float64]:
+    @property
+    def win_size(self) -> int:
+        return self.window
+
+    def _nearest(self, values: ArrayLike, *, exact: bool) -> Iterator[tuple[int, Any, Any, Any]]:
+        """Per block of query rows: its first row, the flattened query windows `(b, W C)`, the
+        indices `(b, k)` of the ``k`` nearest references and their squared distances `(b, k)`.
+        The block is small enough for the ``(b, k, W C)`` differences when ``exact``."""
         rows = self._standardise(values)
         padded = np.concatenate((np.repeat(rows[:1], self.window - 1, axis=0), rows))
         windows = np.lib.stride_tricks.sliding_window_view(padded, self.window, axis=0)
-        block = max(1, _KNN_BLOCK_BYTES // (8 * self._reference.shape[0]))
-        scores, width = np.empty(rows.shape[0]), self._reference.shape[1]
+        n_reference, width = self._reference.shape
+        per_row = max(n_reference, self.k * width) if exact else n_reference
+        block = max(1, _KNN_BLOCK_BYTES // (8 * per_row))
         for start in range(0, rows.shape[0], block):
             queries = windows[start : start + block].transpose(0, 2, 1).reshape(-1, width)
             squared = (
@@ -197,9 +175,30 @@ class KnnDetector(_Standardised):
                 + self._reference_norms[None, :]
                 - 2.0 * (queries @ self._reference.T)
             )
-            nearest = np.partition(squared, self.k - 1, axis=1)[:, : self.k]
-            scores[start : start + block] = np.sqrt(np.maximum(nearest, 0.0)).mean(axis=1)
+            nearest = np.argpartition(squared, self.k - 1, axis=1)[:, : self.k]
+            yield start, queries, nearest, np.take_along_axis(squared, nearest, axis=1)
+
+    def score(self, values: ArrayLike) -> NDArray[np.float64]:
+        scores = np.empty(np.shape(values)[0])
+        for start, _, _, squared in self._nearest(values, exact=False):
+            scores[start : start + len(squared)] = np.sqrt(np.maximum(squared, 0.0)).mean(axis=1)
         return scores
+
+    def score_contributions(self, values: ArrayLike) -> Scores:
+        """Contributions: each neighbour's distance split by the channels' shares of its squared
+        difference over the window, averaged over the neighbours."""
+        n_rows, n_channels = np.shape(values)[0], self._reference.shape[1] // self.window
+        scores, contributions = np.empty(n_rows), np.empty((n_rows, n_channels))
+        for start, queries, nearest, squared in self._nearest(values, exact=True):
+            distance = np.sqrt(np.maximum(squared, 0.0))  # (b, k)
+            difference = queries[:, None, :] - self._reference[nearest]  # (b, k, W C)
+            shape = (*nearest.shape, self.window, n_channels)
+            per_channel = np.sum(difference.reshape(shape) ** 2, axis=2)  # (b, k, C)
+            _, split = spread(distance.reshape(-1), per_channel.reshape(-1, n_channels))
+            stop = start + len(nearest)
+            scores[start:stop] = distance.mean(axis=1)
+            contributions[start:stop] = split.reshape(shape[0], self.k, n_channels).mean(axis=1)
+        return scores, contributions
 
     def to_dict(self) -> dict[str, Any]:
         rows = self.rows.tolist()
@@ -214,7 +213,7 @@ class KnnDetector(_Standardised):
         return detector
 
 
-class MaxZDetector(_Standardised):
+class MaxZDetector(Standardised):
     """The largest absolute z-score over the channels, with the training mean and deviation."""
 
     name = "max_z"
@@ -226,6 +225,11 @@ class MaxZDetector(_Standardised):
     def score(self, values: ArrayLike) -> NDArray[np.float64]:
         return np.max(np.abs(self._standardise(values)), axis=1)
 
+    def score_contributions(self, values: ArrayLike) -> Scores:
+        """Contributions: the score split in proportion to the channels' absolute z-scores."""
+        z = np.abs(self._standardise(values))
+        return spread(np.max(z, axis=1), z)
+
     def to_dict(self) -> dict[str, Any]:
         return self._state()
 
@@ -236,16 +240,14 @@ class MaxZDetector(_Standardised):
         return detector
 
 
-class RandomDetector(_Standardised):
+class RandomDetector(Standardised):
     """Control: uniform [0, 1) scores from ``seed``, ignoring the values (only their shape is
     checked). Each call starts the generator afresh, so equal-length inputs get equal scores."""
 
     name = "random"
 
     def __init__(self, seed: int = 0) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        self.seed = seed
+        self.seed = seed_value(seed)
 
     def fit(self, train: ArrayLike) -> Self:
         self._fit_rows(train)
@@ -254,6 +256,11 @@ class RandomDetector(_Standardised):
     def score(self, values: ArrayLike) -> NDArray[np.float64]:
         rows = self._standardise(values)
         return np.random.default_rng(self.seed).random(rows.shape[0])
+
+    def score_contributions(self, values: ArrayLike) -> Scores:
+        """Contributions: the score spread evenly over the channels."""
+        scores = self.score(values)
+        return spread(scores, np.zeros((scores.size, np.shape(values)[1])))
 
     def to_dict(self) -> dict[str, Any]:
         return self._state(seed=self.seed)
@@ -265,13 +272,16 @@ class RandomDetector(_Standardised):
         return detector
 
 
-DETECTORS: dict[str, type[PcaDetector | KnnDetector | MaxZDetector | RandomDetector]] = {
-    cls.name: cls for cls in (PcaDetector, KnnDetector, MaxZDetector, RandomDetector)
+AnyDetector = PcaDetector | KnnDetector | MaxZDetector | RandomDetector | IsolationForestDetector
+DETECTORS: dict[str, type[AnyDetector]] = {
+    cls.name: cls
+    for cls in (PcaDetector, KnnDetector, MaxZDetector, RandomDetector, IsolationForestDetector)
 }
 
 
 def make_detector(name: str, **params: Any) -> Detector:
-    """An unfitted detector by registry name (``pca``, ``knn``, ``max_z``, ``random``)."""
+    """An unfitted detector by registry name (``pca``, ``knn``, ``max_z``, ``random``,
+    ``isolation_forest``)."""
     if name not in DETECTORS:
         raise ValueError(f"name must be one of {sorted(DETECTORS)}, got {name!r}")
     return DETECTORS[name](**params)
@@ -284,5 +294,5 @@ def detector_from_dict(data: dict[str, Any]) -> Detector:
         raise ValueError(f"data['name'] must be one of {sorted(DETECTORS)}, got {name!r}")
     try:
         return DETECTORS[name].from_dict(data)
-    except (KeyError, TypeError) as error:
+    except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"data must be a fitted {name} state, got {error!r}") from error

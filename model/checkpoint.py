@@ -1,4 +1,8 @@
-"""One file holding the weights, the architecture and JSON-able extras (scalers, thresholds...)."""
+"""One file holding the weights, the architecture and JSON-able extras (scalers, thresholds...).
+
+A :class:`Checkpoint` is a :class:`model.artifact.ScoringModel`: the pipeline scores, calibrates
+and saves it through that interface, as it does a baseline's :mod:`model.detector_checkpoint`.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from model.config import ModelConfig
 from model.device import resolve_device
 from model.network import AnomalyTransformer
+from model.scoring import ScoreResult, score_series
 
 FORMAT = "anomaly-transformer-checkpoint/1"
 
@@ -23,6 +29,18 @@ class Checkpoint:
     model: AnomalyTransformer  # in eval mode
     model_cfg: ModelConfig
     extras: dict[str, Any]
+
+    def score(
+        self, values: np.ndarray, *, entity: str, skip: int = 0, batch_size: int = 512
+    ) -> ScoreResult:
+        """Score a scaled `(T, C)` series with ``extras["scoring_method"]`` (one network for every
+        ``entity``); the result covers ``values[skip:]``."""
+        method = self.extras["scoring_method"]
+        return score_series(self.model, values, method, skip=skip, batch_size=batch_size)
+
+    def save(self, path: str | Path, extras: dict[str, Any] | None = None) -> None:
+        """Write this checkpoint, with ``extras`` in place of its own when given."""
+        save_checkpoint(path, self.model, self.model_cfg, self.extras if extras is None else extras)
 
 
 def save_checkpoint(
@@ -48,6 +66,11 @@ def save_checkpoint(
         "state_dict": {name: t.detach().cpu() for name, t in model.state_dict().items()},
         "extras_json": extras_json,
     }
+    write_payload(path, payload)
+
+
+def write_payload(path: str | Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` the payload atomically (a temporary file, then a rename)."""
     target = Path(path)
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     os.close(handle)
@@ -66,9 +89,23 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
         ValueError: the file is not a checkpoint of this format.
     """
     target = resolve_device(device)
-    payload = torch.load(Path(path), map_location=target, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+    return checkpoint_from_payload(read_payload(path, target), path, target)
+
+
+def read_payload(path: str | Path, device: torch.device) -> dict[str, Any]:
+    """The payload dict, read with ``torch.load(weights_only=True)``; tensors on ``device``."""
+    payload = torch.load(Path(path), map_location=device, weights_only=True)
+    if not isinstance(payload, dict):
+        raise ValueError(f"invalid checkpoint {path}: a {type(payload).__name__}, not a dict")
+    return payload
+
+
+def checkpoint_from_payload(
+    payload: dict[str, Any], path: str | Path, target: torch.device
+) -> Checkpoint:
+    """The Anomaly Transformer checkpoint in a payload, its model on ``target``."""
+    if payload.get("format") != FORMAT:
+        found = payload.get("format")
         raise ValueError(f"invalid checkpoint {path}: format {found!r}, expected {FORMAT!r}")
     model_cfg = ModelConfig.from_dict(payload["model_config"])
     model = AnomalyTransformer(model_cfg)

@@ -19,8 +19,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data_contracts import Contract
-from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from model.scoring import score_series
+from model.artifact import ScoringModel, load_scoring_model
 from model.thresholds import (
     conformal_threshold,
     leaky_reference_threshold,
@@ -66,22 +65,20 @@ class Calibration:
         return f"{self.method} (LEAKS TEST DATA)" if self.leaks_test_data else self.method
 
 
-def _score(checkpoint: Checkpoint, values: np.ndarray, skip: int) -> np.ndarray:
-    method = checkpoint.extras["scoring_method"]
-    return score_series(
-        checkpoint.model, values, method, skip=skip, batch_size=BATCH_WINDOWS
-    ).scores
+def _score(checkpoint: ScoringModel, entity: str, values: np.ndarray, skip: int) -> np.ndarray:
+    return checkpoint.score(values, entity=entity, skip=skip, batch_size=BATCH_WINDOWS).scores
 
 
-def validation_scores(checkpoint: Checkpoint, dataset: DatasetRef) -> dict[str, np.ndarray]:
+def validation_scores(checkpoint: ScoringModel, dataset: DatasetRef) -> dict[str, np.ndarray]:
     """Per entity, streaming scores of its validation tail, with its fit part as context."""
     context_rows = checkpoint.model_cfg.win_size - 1
     scores = {}
     for entity in dataset.entities:
         fit_part, val_part = dataset.load(entity)
         if len(val_part) > 0:
-            context = fit_part[-context_rows:]
-            scores[entity] = _score(checkpoint, np.concatenate([context, val_part]), len(context))
+            context = fit_part[len(fit_part) - context_rows :]
+            values = np.concatenate([context, val_part])
+            scores[entity] = _score(checkpoint, entity, values, len(context))
     if not scores:
         raise DataContractError(
             f"{dataset.source}: no validation tail to calibrate on; use a val_fraction > 0"
@@ -89,16 +86,16 @@ def validation_scores(checkpoint: Checkpoint, dataset: DatasetRef) -> dict[str, 
     return scores
 
 
-def training_range_scores(checkpoint: Checkpoint, dataset: DatasetRef) -> dict[str, np.ndarray]:
+def training_range_scores(checkpoint: ScoringModel, dataset: DatasetRef) -> dict[str, np.ndarray]:
     """Per entity, scores of its whole training range (fit part + validation tail)."""
     return {
-        entity: _score(checkpoint, np.concatenate(dataset.load(entity)), 0)
+        entity: _score(checkpoint, entity, np.concatenate(dataset.load(entity)), 0)
         for entity in dataset.entities
     }
 
 
 def labelled_range_scores(
-    checkpoint: Checkpoint, warehouse_url: str, contract: Contract, entities: list[str]
+    checkpoint: ScoringModel, warehouse_url: str, contract: Contract, entities: list[str]
 ) -> dict[str, np.ndarray]:
     """Per entity, scores of its labelled rows: TEST DATA, read only by the leaky reference."""
     engine = get_engine(warehouse_url)
@@ -173,7 +170,7 @@ def calibrate(
     ``reference`` needs ``warehouse_url`` and ``contract`` to read the labelled range; its
     percentile is ``100 (1 - alpha)`` over the training-range and test scores.
     """
-    checkpoint = load_checkpoint(checkpoint_path, device="auto")
+    checkpoint = load_scoring_model(checkpoint_path, device="auto")
     val = validation_scores(checkpoint, dataset)
     held_out, test = val, {}
     if method in LEAKY_METHODS:
@@ -203,7 +200,7 @@ def calibrate(
         extras["entity_calibration_scores"] = {
             e: np.sort(s).astype(float).tolist() for e, s in val.items()
         }
-    save_checkpoint(out_path, checkpoint.model, checkpoint.model_cfg, extras)
+    checkpoint.save(out_path, extras)
     return Calibration(threshold, method, alpha, int(pooled.size), out_path, scope, per_entity)
 
 

@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data_contracts import Contract
-from model.checkpoint import Checkpoint, load_checkpoint
+from model.artifact import ScoringModel, load_scoring_model
 from model.metrics import evaluate_scores
 from tasks.alarm_rule import alarm_rule
 from tasks.plots import plot_scores
@@ -46,7 +46,7 @@ def _mean(per_entity: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def labelled_scores(
-    frame: pd.DataFrame, checkpoint: Checkpoint, entity: str
+    frame: pd.DataFrame, checkpoint: ScoringModel, entity: str
 ) -> pd.DataFrame | None:
     """Scores, labels and timestamps of an entity's labelled rows (context read from before)."""
     labelled = frame["label"].notna().to_numpy()
@@ -65,7 +65,7 @@ def evaluate_model(
     warehouse_url: str, contract: Contract, checkpoint_path: Path, out_dir: Path
 ) -> Evaluation:
     """Score each entity's labelled rows; metrics per entity, their unweighted mean, the control."""
-    checkpoint = load_checkpoint(checkpoint_path, device="auto")
+    checkpoint = load_scoring_model(checkpoint_path, device="auto")
     alpha = float(checkpoint.extras["calibration"]["alpha"])
     engine = get_engine(warehouse_url)
     per_entity: dict[str, dict[str, float]] = {}

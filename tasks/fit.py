@@ -1,4 +1,9 @@
-"""Train the Anomaly Transformer on a windowed dataset and save a self-contained checkpoint."""
+"""Train a model on a windowed dataset and save a self-contained checkpoint.
+
+The model is the Anomaly Transformer (``detector="anomaly_transformer"``) or a baseline detector of
+:mod:`model.baselines` fitted per entity on the same scaled fit parts; both checkpoints carry the
+same extras, so calibration, evaluation, registration and scoring treat them alike.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig, TrainConfig
+from model.detector_checkpoint import SCORING_METHOD, fit_detectors
 from model.drift import TrainingProfile
 from model.train import fit
 from tasks.windowing import DatasetRef
@@ -40,6 +46,23 @@ def training_profiles(dataset: DatasetRef) -> dict[str, dict[str, Any]]:
     return profiles
 
 
+AT = "anomaly_transformer"
+# Baselines grown from a random seed (training.seed); the others are deterministic.
+SEEDED_DETECTORS = frozenset({"isolation_forest"})
+
+
+def common_extras(dataset: DatasetRef, detector: str, scoring_method: str) -> dict[str, Any]:
+    """What every checkpoint carries: source, sensors, scalers, scoring method, drift profiles."""
+    return {
+        "source": dataset.source,
+        "detector": detector,
+        "sensors": list(dataset.sensors),
+        "scalers": {name: scaler.to_dict() for name, scaler in dataset.scalers().items()},
+        "scoring_method": scoring_method,
+        "training_profiles": training_profiles(dataset),
+    }
+
+
 def train_model(
     dataset: DatasetRef,
     model_cfg: ModelConfig,
@@ -47,8 +70,16 @@ def train_model(
     out_path: Path,
     *,
     scoring_method: str,
+    detector: str = AT,
 ) -> TrainedModel:
-    """Fit on every entity's fit part, stop early on the validation tails; save the checkpoint."""
+    """Fit ``detector`` on every entity's fit part and save the checkpoint.
+
+    The Anomaly Transformer stops early on the validation tails and scores with
+    ``scoring_method``; a baseline ignores both and ``model_cfg``, seeded by ``train_cfg.seed``.
+    """
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if detector != AT:
+        return fit_baseline(dataset, detector, train_cfg.seed, out_path)
     fit_parts, val_parts = zip(*(dataset.load(entity) for entity in dataset.entities), strict=True)
     started = time.perf_counter()
     result = fit(
@@ -58,20 +89,27 @@ def train_model(
         [v for v in val_parts if len(v) >= model_cfg.win_size],
     )
     seconds = time.perf_counter() - started
-    extras = {
-        "source": dataset.source,
-        "sensors": list(dataset.sensors),
-        "scalers": {name: scaler.to_dict() for name, scaler in dataset.scalers().items()},
-        "scoring_method": scoring_method,
-        "train_config": train_cfg.to_dict(),
-        "training_profiles": training_profiles(dataset),
-    }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    extras = common_extras(dataset, AT, scoring_method) | {"train_config": train_cfg.to_dict()}
     save_checkpoint(out_path, result.model, model_cfg, extras)
     n_parameters = sum(p.numel() for p in result.model.parameters())
     return TrainedModel(
         out_path, result.history.to_dict(), seconds, n_parameters, model_cfg.win_size
     )
+
+
+def fit_baseline(dataset: DatasetRef, detector: str, seed: int, out_path: Path) -> TrainedModel:
+    """Fit baseline ``detector`` per entity on its scaled fit part; save its checkpoint."""
+    params = {"seed": seed} if detector in SEEDED_DETECTORS else {}
+    started = time.perf_counter()
+    fitted = fit_detectors(
+        detector,
+        {entity: dataset.load(entity)[0] for entity in dataset.entities},
+        common_extras(dataset, detector, SCORING_METHOD),
+        **params,
+    )
+    seconds = time.perf_counter() - started
+    fitted.save(out_path)
+    return TrainedModel(out_path, {}, seconds, 0, fitted.model_cfg.win_size)
 
 
 train_model_task = task(name="train-model", cache_policy=NO_CACHE)(train_model)

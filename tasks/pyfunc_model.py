@@ -20,9 +20,8 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-from model.checkpoint import Checkpoint, load_checkpoint
+from model.artifact import ScoringModel, load_scoring_model
 from model.scaling import Scaler
-from model.scoring import score_series
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 SHA256_KEY = "checkpoint_sha256"
@@ -49,17 +48,18 @@ def model_signature(sensors: list[str]) -> ModelSignature:
 
 
 class AnomalyTransformerPyfunc(PythonModel):
-    """Scores one entity's raw readings with the checkpoint's scaler for it and its scoring method.
+    """Scores one entity's raw readings with the checkpoint's scaler for it and its model: the
+    Anomaly Transformer with its scoring method, or the entity's baseline detector.
 
     ``predict`` takes a frame with one float32 column per sensor (the checkpoint's sensors, rows in
     time order, at least ``win_size`` of them) and ``params={"entity": <name>}``, the entity whose
     scaler applies. It returns ``score`` and one ``contribution_<sensor>`` column per sensor.
     """
 
-    checkpoint: Checkpoint
+    checkpoint: ScoringModel
 
     def load_context(self, context: PythonModelContext) -> None:
-        """Verify the checkpoint against the sha256 recorded at logging, then load its weights."""
+        """Verify the checkpoint against the sha256 recorded at logging, then load it."""
         path = Path(context.artifacts[CHECKPOINT_ARTIFACT])
         expected = (context.model_config or {}).get(SHA256_KEY)
         actual = file_sha256(path)
@@ -68,7 +68,7 @@ class AnomalyTransformerPyfunc(PythonModel):
                 f"refusing the altered checkpoint {path}: its sha256 is {actual}, "
                 f"the model recorded {expected} when it was logged"
             )
-        self.checkpoint = load_checkpoint(path, device="auto")
+        self.checkpoint = load_scoring_model(path, device="auto")
 
     def predict(
         self,
@@ -89,7 +89,7 @@ class AnomalyTransformerPyfunc(PythonModel):
         raw = model_input[sensors].to_numpy(np.float64)
         scaler = Scaler.from_dict(scalers[entity])
         scaled = scaler.transform(scaler.impute(raw))
-        result = score_series(self.checkpoint.model, scaled, extras["scoring_method"])
+        result = self.checkpoint.score(scaled, entity=entity)
         contributions = result.contributions.astype(np.float64)
         columns = {SCORE_COLUMN: result.scores.astype(np.float64)}
         for index, sensor in enumerate(sensors):

@@ -1,8 +1,9 @@
 """MLflow tracking and model registry: log and register a checkpoint, move aliases, load a version.
 
-A registered version is self-contained (weights, config, scalers, threshold, calibration scores,
-contract and code version in the checkpoint; ``model/`` as code; explicit pip requirements) and
-carries the checkpoint's sha256 as a version tag, written in the same call that creates it.
+A registered version is self-contained (weights or fitted detectors, config, scalers, threshold,
+calibration scores, contract and code version in the checkpoint; ``model/`` as code; explicit pip
+requirements) and carries the checkpoint's sha256 and its detector (``anomaly_transformer`` or a
+baseline's name) as version tags, written in the same call that creates it.
 Loading resolves an alias once, to a concrete version, and refuses anything that does not check out.
 Aliases and loading use the store the settings name, read on every call, so a fresh process (a
 scheduled run, ``atp promote``) finds the models that training registered.
@@ -31,7 +32,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 import model
-from model.checkpoint import Checkpoint, load_checkpoint
+from model.artifact import ScoringModel, load_scoring_model
 from tasks.errors import TRANSIENT_RETRIES, ModelRegistryError
 from tasks.pyfunc_model import (
     CHECKPOINT_ARTIFACT,
@@ -51,6 +52,7 @@ EXPERIMENT = "anomaly-transformer"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 SHA256_TAG = "checkpoint_sha256"
+DETECTOR_TAG = "detector"
 MODEL_ARTIFACT = "model"
 FIGURES_DIR = "figures"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -77,7 +79,7 @@ class LoadedModel:
     name: str
     version: int
     run_id: str
-    checkpoint: Checkpoint
+    checkpoint: ScoringModel
     extras: dict[str, Any]
 
 
@@ -137,7 +139,7 @@ def _log_figures(figures: Mapping[str, Figure | Path]) -> None:
             mlflow.log_figure(figure, f"{FIGURES_DIR}/{name}.png")
 
 
-def _example(checkpoint: Checkpoint, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+def _example(checkpoint: ScoringModel, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
     """The input example as the pyfunc takes it: float32 sensors, plus a trained entity."""
     sensors = list(checkpoint.extras["sensors"])
     win_size = checkpoint.model_cfg.win_size
@@ -174,7 +176,7 @@ def log_and_register(
     found = MlflowClient().get_experiment_by_name(experiment)
     if found is None:
         raise ModelRegistryError(f"no experiment {experiment!r}: call configure_tracking first")
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_scoring_model(checkpoint_path)
     checksum = file_sha256(checkpoint_path)
     example = None if input_example is None else _example(checkpoint, input_example)
     run_tags, experiment_id = dict(tags or {}), found.experiment_id
@@ -195,7 +197,9 @@ def log_and_register(
             pip_requirements=pip_requirements(),
             metadata=_model_metadata(checkpoint.extras),
         )
-    version = mlflow.register_model(info.model_uri, model_name, tags={SHA256_TAG: checksum})
+    detector = str(checkpoint.extras.get("detector", "anomaly_transformer"))
+    version_tags = {SHA256_TAG: checksum, DETECTOR_TAG: detector}
+    version = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
     set_alias(model_name, CHALLENGER, int(version.version))
     log.info("registered %s version %s (run %s)", model_name, version.version, run.info.run_id)
     uri = f"models:/{model_name}/{version.version}"
@@ -289,7 +293,7 @@ def load_model_version(model_name: str, alias: str) -> LoadedModel:
                 f"{model_name} version {version}: checkpoint sha256 {actual} differs from "
                 f"{expected} recorded at registration; the artifact was altered, refusing it"
             )
-        checkpoint = load_checkpoint(path, device="auto")
+        checkpoint = load_scoring_model(path, device="auto")
     log.info("using %s version %s (alias %s)", model_name, version, alias)
     run_id = registered.run_id or ""
     return LoadedModel(model_name, version, run_id, checkpoint, checkpoint.extras)

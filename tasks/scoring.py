@@ -22,9 +22,8 @@ from prefect.cache_policies import NO_CACHE
 from sqlalchemy.engine import Connection, Engine
 
 from data_contracts import Contract
-from model.checkpoint import Checkpoint
+from model.artifact import ScoringModel
 from model.scaling import Scaler
-from model.scoring import score_series
 from model.thresholds import p_values
 from tasks.adaptive_threshold import DEFAULT_GAMMA, apply_adaptive
 from tasks.alarm_rule import alarm_rule
@@ -57,17 +56,17 @@ class EntityResult:
 
 
 def score_values(
-    checkpoint: Checkpoint, entity: str, values: np.ndarray, skip: int
+    checkpoint: ScoringModel, entity: str, values: np.ndarray, skip: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scale raw ``(T, C)`` readings with the entity's scaler and score ``values[skip:]``;
-    gaps of nullable sensors take the entity's training mean, as in training."""
+    """Scale raw ``(T, C)`` readings with the entity's scaler and score ``values[skip:]`` with the
+    model (an Anomaly Transformer or a baseline); gaps of nullable sensors take the entity's
+    training mean, as in training."""
     scalers = checkpoint.extras["scalers"]
     if entity not in scalers:
         raise ModelRegistryError(f"entity {entity!r} was not in this model's training data")
     scaler = Scaler.from_dict(scalers[entity])
     scaled = scaler.transform(scaler.impute(values))
-    method = checkpoint.extras["scoring_method"]
-    result = score_series(checkpoint.model, scaled, method, skip=skip, batch_size=BATCH_WINDOWS)
+    result = checkpoint.score(scaled, entity=entity, skip=skip, batch_size=BATCH_WINDOWS)
     return result.scores, result.contributions
 
 

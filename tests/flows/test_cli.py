@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from data_contracts import load_contract
-from flows.cli import INGEST_KINDS, _parser, _train_params, main
+from flows.cli import INGEST_KINDS, TRAIN_MODELS, _parser, _train_params, main
 from flows.ingest import Kind
-from flows.params import TrainingParams
+from flows.params import TrainFlowParams, TrainingParams
 
 
 def test_ingest_choices_are_the_ingest_flow_kinds() -> None:
@@ -48,6 +48,15 @@ def test_train_options_reach_the_flow_parameters() -> None:
         0.05,
         True,
     )
+
+
+def test_train_model_choices_are_the_flow_detectors() -> None:
+    assert TRAIN_MODELS == list(get_args(TrainFlowParams.model_fields["detector"].annotation))
+    params = _train_params(_parser().parse_args(["train", "--preset=demo", "--model=knn"]))
+    assert params.detector == "knn" and params.promote
+    assert _train_params(_parser().parse_args(["train"])).detector == "anomaly_transformer"
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["train", "--model=random"])
 
 
 def test_train_options_left_out_keep_the_preset() -> None:

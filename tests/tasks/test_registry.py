@@ -19,6 +19,7 @@ from prefect.states import Failed
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
+from model.detector_checkpoint import SCORING_METHOD, DetectorCheckpoint, fit_detectors
 from model.network import AnomalyTransformer
 from model.scaling import Scaler
 from model.scoring import score_series
@@ -26,6 +27,7 @@ from tasks.errors import DataContractError, ModelRegistryError, is_transient, re
 from tasks.registry import (
     CHALLENGER,
     CHAMPION,
+    DETECTOR_TAG,
     SHA256_TAG,
     artifact_location,
     configure_tracking,
@@ -205,6 +207,52 @@ def test_pyfunc_loads_by_alias_and_predicts_float32_readings(
         pyfunc.predict(frame)
     with pytest.raises(MlflowException, match="float64"):
         pyfunc.predict(frame.astype(np.float64), params={"entity": "e2"})
+
+
+def test_a_baseline_registers_loads_and_serves_the_pyfunc_like_the_transformer(
+    artifact_root: Path, tmp_path: Path
+) -> None:
+    import mlflow
+
+    frames = {e: readings(i) for i, e in enumerate(["e1", "e2"])}
+    scalers = {e: Scaler.fit(f.to_numpy()) for e, f in frames.items()}
+    extras = {
+        "source": "toy",
+        "detector": "knn",
+        "sensors": SENSORS,
+        "scalers": {e: s.to_dict() for e, s in scalers.items()},
+        "scoring_method": SCORING_METHOD,
+        "threshold": 0.5,
+        "calibration_scores": [0.1, 0.2, 0.3],
+    }
+    fit_parts = {e: scalers[e].transform(f.to_numpy()) for e, f in frames.items()}
+    path = tmp_path / "knn.ckpt"
+    fit_detectors("knn", fit_parts, extras, window=4, k=2).save(path)
+    registered = log_and_register(
+        checkpoint_path=path,
+        model_name=NAME,
+        run_name="knn",
+        params={"detector": "knn"},
+        metrics={"f1": 0.5},
+        input_example=readings(7, rows=4),
+    )
+    promote(NAME)
+    client = mlflow.MlflowClient()
+    assert client.get_model_version(NAME, str(registered.version)).tags[DETECTOR_TAG] == "knn"
+    loaded = load_model_version(NAME, CHAMPION)
+    assert isinstance(loaded.checkpoint, DetectorCheckpoint)
+    assert loaded.checkpoint.model_cfg.win_size == 4 and loaded.extras == extras
+
+    frame = readings(3)
+    values = scaled(frame, extras, "e2")
+    want_scores, want_contributions = loaded.checkpoint.detectors["e2"].score_contributions(values)
+    out = mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION}").predict(
+        frame, params={"entity": "e2"}
+    )
+    np.testing.assert_array_equal(out["score"], want_scores.astype(np.float32))
+    np.testing.assert_array_equal(out.iloc[:, 1:], want_contributions.astype(np.float32))
+    e1 = loaded.checkpoint.score(scaled(frame, extras, "e1"), entity="e1").scores
+    assert not np.allclose(e1, out["score"])  # each entity has its own detector
 
 
 def test_pyfunc_loads_without_the_project_on_the_path(artifact_root: Path, tmp_path: Path) -> None:
