@@ -13,6 +13,8 @@ from tasks.settings import apply_quiet_defaults
 INGEST_KINDS = ["smd", "csv", "parquet", "nab", "skab", "ucr", "smap", "msl", "psm", "swat"]
 BENCHMARK_LAYOUTS = [k for k in INGEST_KINDS if k not in ("csv", "parquet")]
 COLUMN_OPTIONS = ("entity", "timestamp", "label", "sensor", "value")
+# TrainFlowParams.detector's values (not imported here: the parser stays free of torch).
+TRAIN_MODELS = ["anomaly_transformer", "pca", "knn", "max_z", "isolation_forest"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train, calibrate, evaluate and register a model")
     train.add_argument("--source", default="smd", help="data contract / source name")
+    train.add_argument(
+        "--model",
+        choices=TRAIN_MODELS,
+        help="the model trained (default anomaly_transformer); a baseline is fitted per entity",
+    )
     train.add_argument(
         "--preset",
         choices=["reference", "demo"],
@@ -170,6 +177,7 @@ def _train_params(args: argparse.Namespace) -> Any:
         update={
             "source": args.source,
             "train_end": args.train_end,
+            "detector": args.model or base.detector,
             "promote": args.promote or base.promote,
             "training": base.training.model_copy(update=training),
             "calibration": base.calibration.model_copy(update=calibration),
