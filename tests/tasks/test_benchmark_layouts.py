@@ -39,13 +39,17 @@ EXPECTED: dict[str, tuple[set[str], list[str]]] = {
 def test_every_layout_runs_on_one_split_with_explicit_skips(tmp_path: Path, layout: str) -> None:
     LAYOUT_WRITERS[layout](tmp_path)
     run = run_benchmark(
-        tmp_path, ["random", "pca", "max_z"], [0, 1], layout=layout, min_fit_rows=SHORT
+        tmp_path,
+        ["random", "pca", "max_z", "isolation_forest"],
+        [0, 1],
+        layout=layout,
+        min_fit_rows=SHORT,
     )
     entities, skips = EXPECTED[layout]
     assert set(run.rows["entity"]) == entities
     assert len(run.skipped) == len(skips)
     assert all(s.startswith(p) for s, p in zip(sorted(run.skipped), sorted(skips), strict=True))
-    assert run.rows.groupby("entity").size().to_dict() == dict.fromkeys(entities, 4)
+    assert run.rows.groupby("entity").size().to_dict() == dict.fromkeys(entities, 6)
     frame = LOADERS[layout](tmp_path).frame
     train_rows = frame[frame["label"].isna()].groupby("entity").size()
     expected_val = train_rows - (0.8 * train_rows).round().astype(int)
@@ -109,7 +113,8 @@ def test_bad_frames_are_named() -> None:
 
 
 def test_seeded_detectors_and_the_minimum_fit_part() -> None:
-    assert seeded("random") and seeded("anomaly_transformer") and not seeded("pca")
+    assert seeded("random") and seeded("anomaly_transformer") and seeded("isolation_forest")
+    assert not seeded("pca") and not seeded("knn")
     assert AT_MODEL["win_size"] == MIN_FIT_ROWS  # every detector sees the entities AT can use
 
 
