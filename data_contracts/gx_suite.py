@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cache
+from html import escape
 from typing import TYPE_CHECKING, Any
 
 from data_contracts.contract import Contract
 
 if TYPE_CHECKING:
     import pandas as pd
-    from great_expectations.core import ExpectationSuite
+    from great_expectations.core import ExpectationSuite, ExpectationSuiteValidationResult
+    from great_expectations.render.view import DefaultJinjaPageView
 
 # dtype names GX's type-list check accepts for a sensor (numpy names and pandas nullable dtypes).
 NUMERIC_TYPES = (
@@ -56,6 +59,30 @@ class Outcome:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class SuiteRun:
+    """A suite's outcomes, and GX's own result of the run (what Data Docs render)."""
+
+    outcomes: list[Outcome]
+    result: ExpectationSuiteValidationResult
+
+
+@dataclass(frozen=True)
+class DocsSummary:
+    """The head of a Data Docs page: a title, a status line and a table (one row per rule)."""
+
+    suite: str
+    title: str
+    status: str
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+def suite_name(contract: Contract) -> str:
+    """The GX suite's name: ``<contract>_v<version>``."""
+    return f"{contract.name}_v{contract.version}"
+
+
 def build_suite(contract: Contract) -> ExpectationSuite:
     """The GX suite for the warehouse form of ``contract``'s readings (``entity``, ``ts``, ...)."""
     import great_expectations as gx
@@ -88,13 +115,13 @@ def build_suite(contract: Contract) -> ExpectationSuite:
             gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(LABEL_VALUES))
         )
     return gx.ExpectationSuite(
-        name=f"{contract.name}_v{contract.version}",
+        name=suite_name(contract),
         expectations=expectations,
         meta={"contract": contract.name, "contract_version": contract.version},
     )
 
 
-def run_suite(suite: ExpectationSuite, frame: pd.DataFrame) -> list[Outcome]:
+def run_suite(suite: ExpectationSuite, frame: pd.DataFrame) -> SuiteRun:
     """Validate ``frame`` in an ephemeral GX context; up to ``EXAMPLES`` offending rows each."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -107,7 +134,7 @@ def run_suite(suite: ExpectationSuite, frame: pd.DataFrame) -> list[Outcome]:
     validation = batch.validate(
         suite, result_format={"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES}
     )
-    return [
+    outcomes = [
         Outcome(
             rule=item.expectation_config.type,
             column=item.expectation_config.kwargs.get("column"),
@@ -118,6 +145,53 @@ def run_suite(suite: ExpectationSuite, frame: pd.DataFrame) -> list[Outcome]:
         )
         for item in validation.results
     ]
+    return SuiteRun(outcomes, validation)
+
+
+def data_docs_html(summary: DocsSummary, result: ExpectationSuiteValidationResult | None) -> str:
+    """One Data Docs page: ``summary`` first, then GX's rendering of ``result`` if there is one.
+
+    GX's own page renderer and view, without a site: no index, no copied assets (the page loads
+    GX's styles from their CDN when online and stays readable offline). The summary's text is
+    HTML-escaped: it quotes values from the data.
+    """
+    from great_expectations.render.components import (
+        RenderedDocumentContent,
+        RenderedHeaderContent,
+        RenderedSectionContent,
+        RenderedTableContent,
+    )
+    from great_expectations.render.renderer import ValidationResultsPageRenderer
+
+    head = RenderedSectionContent(
+        section_name="Data contract",
+        content_blocks=[
+            RenderedHeaderContent(header=escape(summary.title), subheader=escape(summary.status)),
+            RenderedTableContent(
+                table=[[escape(cell) for cell in row] for row in summary.rows],
+                header_row=[escape(cell) for cell in summary.header],
+                styling={"body": {"classes": ["table", "table-sm"]}},
+            ),
+        ],
+    )
+    if result is None:
+        document = RenderedDocumentContent(
+            sections=[head],
+            renderer_type="ValidationResultsPageRenderer",
+            expectation_suite_name=summary.suite,
+        )
+    else:
+        document = ValidationResultsPageRenderer().render(result)
+        document.sections.insert(0, head)
+    return str(_page_view().render(document, show_how_to_buttons=False))
+
+
+@cache
+def _page_view() -> DefaultJinjaPageView:
+    """GX's page view, made once: its Jinja environment keeps the compiled templates."""
+    from great_expectations.render.view import DefaultJinjaPageView
+
+    return DefaultJinjaPageView()
 
 
 def _error_message(info: dict[str, Any] | None) -> str | None:

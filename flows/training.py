@@ -5,6 +5,7 @@ from prefect import flow
 from data_contracts import load_contract
 from flows.params import TrainFlowParams
 from tasks.calibrate import calibrate_task
+from tasks.data_docs import data_docs_dir, log_data_docs_task
 from tasks.evaluate import evaluate_model_task
 from tasks.fit import train_model_task
 from tasks.gates import gate_and_promote_task
@@ -57,6 +58,7 @@ def training_flow(params: TrainFlowParams = TrainFlowParams()) -> TrainingSummar
         calibration,
         evaluation,
     )
+    log_data_docs_task(settings.mlflow_tracking_uri, summary.run_id, data_docs_dir(settings.home))
     if params.promote:
         gate_and_promote_task(settings.model_name, summary.version, **params.gate_settings())
     return summary

@@ -4,6 +4,8 @@ The contract's Great Expectations suite (``data_contracts.gx_suite``) checks col
 ranges and labels. The rules GX cannot express are checked here in pandas: the time-zone policy,
 finite values, unique and strictly increasing timestamps per entity, and rows per entity. Every
 broken rule becomes one line of the ``DataContractError`` report, with up to five examples.
+Every validation run, passed or failed, writes a Data Docs page (``tasks.data_docs``): the
+contract's broken rules first, then GX's rendering of the suite's results.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -20,7 +23,11 @@ from prefect.cache_policies import NO_CACHE
 
 from data_contracts import Contract
 from data_contracts.gx_suite import EXAMPLES, Outcome, build_suite, run_suite
+from tasks.data_docs import validation_docs
 from tasks.errors import DataContractError
+
+if TYPE_CHECKING:
+    from great_expectations.core import ExpectationSuiteValidationResult
 
 TYPE_RULE = "expect_column_values_to_be_in_type_list"
 _VALUE_RULES = {
@@ -32,13 +39,14 @@ _VALUE_RULES = {
 
 @dataclass(frozen=True)
 class ValidationReport:
-    """What a successful validation covered: every check run passed."""
+    """What a successful validation covered: every check run passed; ``docs``: its page."""
 
     source: str
     rows: int
     entities: int
     checks: int
     passed: int
+    docs: Path
 
 
 @dataclass(frozen=True)
@@ -56,15 +64,26 @@ class RuleFailure:
         shown = f"; e.g. {', '.join(self.examples)}" if self.examples else ""
         return f"- {self.rule}{where}: {self.what}: {self.count}{shown}"
 
+    def cells(self) -> tuple[str, ...]:
+        """The failure as a row of the Data Docs page (``tasks.data_docs.BROKEN_RULE_COLUMNS``)."""
+        examples = "; ".join(self.examples)
+        return (self.rule, self.column or "-", str(self.count), self.what, examples)
+
 
 def _raise(
-    contract: Contract, source: str, failures: Sequence[RuleFailure], checks: int
+    contract: Contract,
+    source: str,
+    failures: Sequence[RuleFailure],
+    checks: int,
+    result: ExpectationSuiteValidationResult | None = None,
 ) -> NoReturn:
     head = (
         f"data contract {contract.name} v{contract.version} broken by {source}: "
         f"{len(failures)} rule(s) failed out of {checks} checked"
     )
-    raise DataContractError("\n".join([head, *(f.line() for f in failures)]))
+    page = validation_docs(contract, source, checks, [f.cells() for f in failures], result)
+    lines = [head, *(f.line() for f in failures), f"Data Docs: {page}"]
+    raise DataContractError("\n".join(lines))
 
 
 def _show(value: Any) -> str:
@@ -222,7 +241,8 @@ def validate_readings(
         failures += _timezone_failures(data, contract, *_kinds(data["ts"]), naive_ok=True)
         if isinstance(data["ts"].dtype, pd.DatetimeTZDtype):
             data["ts"] = data["ts"].dt.tz_convert("UTC").dt.tz_localize(None)
-    outcomes = run_suite(build_suite(contract), data)
+    run = run_suite(build_suite(contract), data)
+    outcomes = run.outcomes
     wrong_type = {str(o.column) for o in outcomes if o.rule == TYPE_RULE and not o.success}
     skip = (set(contract.warehouse_columns) - set(data.columns)) | wrong_type
     failures += [f for o in outcomes if not o.success and (f := _gx_failure(o, data, skip))]
@@ -233,9 +253,10 @@ def validate_readings(
     sensors = sum(s in data for s in contract.sensor_names)
     checks = len(outcomes) + int(has_ts) + sensors + 3 * int(series)
     if failures:
-        _raise(contract, source, failures, checks)
+        _raise(contract, source, failures, checks, run.result)
     entities = int(data["entity"].nunique()) if "entity" in data else 0
-    return ValidationReport(source, len(data), entities, checks, checks)
+    page = validation_docs(contract, source, checks, [], run.result)
+    return ValidationReport(source, len(data), entities, checks, checks, page)
 
 
 def _parse_timestamps(

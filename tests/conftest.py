@@ -22,6 +22,15 @@ def pytest_configure(config: pytest.Config) -> None:
     apply_quiet_defaults()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def scratch_atp_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """State written by tests that set no ATP_HOME (validation's Data Docs pages) stays out of
+    the developer's ./.atp: a temporary ATP_HOME for the session; tests may set their own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ATP_HOME", str(tmp_path_factory.mktemp("atp-home")))
+        yield
+
+
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     """A SQLite warehouse in a file of its own."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from html import escape
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,6 +23,15 @@ SMD = load_contract("smd")
 # Same rules as SMD on three sensors: GX costs about 6 ms per expectation, so tests stay fast.
 SMALL = dataclasses.replace(SMD, sensors=SMD.sensors[:3], min_rows_per_entity=10)
 SOURCE = "data/machine.csv"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def atp_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every validation run writes a Data Docs page under ATP_HOME: a temporary one here."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ATP_HOME", str(home))
+        yield home
 
 
 def readings(contract: Contract = SMALL, rows: int = 20) -> pd.DataFrame:
@@ -44,6 +56,14 @@ def report_of(frame: pd.DataFrame, contract: Contract = SMALL, **kwargs: int) ->
     return caught.value.report
 
 
+def docs_of(report: str) -> str:
+    """The HTML of the Data Docs page that the report's last line names."""
+    prefix = "Data Docs: "
+    last = report.splitlines()[-1]
+    assert last.startswith(prefix), report
+    return Path(last.removeprefix(prefix)).read_text(encoding="utf-8")
+
+
 def line_of(report: str, rule: str, column: str | None) -> str:
     prefix = f"- {rule} [{column}]:" if column else f"- {rule}:"
     lines = [line for line in report.splitlines() if line.startswith(prefix)]
@@ -53,7 +73,7 @@ def line_of(report: str, rule: str, column: str | None) -> str:
 
 def test_clean_smd_frame_passes() -> None:
     report = validate_readings(readings(SMD, rows=120), SMD, source=SOURCE)
-    assert report == ValidationReport(SOURCE, 240, 2, report.checks, report.checks)
+    assert report == ValidationReport(SOURCE, 240, 2, report.checks, report.checks, report.docs)
     assert report.checks > 3 * len(SMD.sensors)
 
 
@@ -140,7 +160,7 @@ def test_every_broken_rule_is_reported_with_at_most_five_examples() -> None:
     frame.loc[0:9, "m02"] = np.nan
     frame.loc[3, "m03"] = -np.inf
     report = report_of(frame.drop(columns="label"))
-    assert len(report.splitlines()) == 1 + 4  # not null, range, finite, missing label
+    assert len(report.splitlines()) == 1 + 4 + 1  # not null, range, finite, missing label; docs
     assert line_of(report, "expect_column_values_to_not_be_null", "m02").count("('m-1'") == 5
     assert ": 10; e.g." in report
 
@@ -338,3 +358,48 @@ def test_random_frames_pass_or_fail_cleanly(case: tuple[pd.DataFrame, bool]) -> 
         assert report.rows == len(frame) > 0 and report.checks == report.passed
         event("clean")
     pd.testing.assert_frame_equal(frame, before)
+
+
+# --- Data Docs: one HTML page per validation run, passed or failed ------------------------------
+
+
+def test_each_run_writes_its_own_data_docs_page_under_atp_home(atp_home: Path) -> None:
+    first = validate_readings(readings(), SMALL, source=SOURCE)
+    second = validate_readings(readings(), SMALL, source=SOURCE)
+    assert first.docs != second.docs and first.docs.is_file() and second.docs.is_file()
+    assert first.docs.parent == atp_home / "data_docs" / "outside-flow-runs"
+    assert re.fullmatch(r"\d{8}T\d{12}Z-smd-passed-[0-9a-f]{4}\.html", first.docs.name)
+    html = first.docs.read_text(encoding="utf-8")
+    assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+    assert f"Data contract smd v1 on {SOURCE}" in html
+    assert f"passed: all {first.checks} checks" in html
+    assert "Expectation Validation Result" in html and "smd_v1" in html  # GX's own rendering
+
+
+def test_failing_run_page_names_the_contract_and_each_broken_rule() -> None:
+    frame = _swap_ts(_set(5, "m03", 1e6)(readings()))
+    report = report_of(frame)
+    html = docs_of(report)
+    assert "-smd-failed-" in report.splitlines()[-1]
+    assert f"Data contract smd v1 on {SOURCE}" in html
+    assert "failed: 2 rule(s) broken" in html
+    for rule, example in (
+        ("expect_column_values_to_be_between", "1000000.0"),  # a GX rule
+        ("increasing_timestamps_per_entity", "('m-1', 2020-01-01 00:08:00"),  # a pandas rule
+    ):
+        assert rule in html and escape(example) in html
+    assert "Unsuccessful Expectations" in html  # GX's statistics of the suite
+
+
+def test_page_escapes_values_from_the_data() -> None:
+    frame = readings().replace({"entity": {"m-1": "<script>alert(1)</script>"}})
+    frame.loc[5, "m03"] = 1e6
+    html = docs_of(report_of(frame))
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_failure_found_before_great_expectations_runs_has_its_page_too() -> None:
+    html = docs_of(coerce_report(plant_source(["2024-01-01T00:00Z", "yesterday"])))
+    assert "Data contract plant v2 on plant.csv" in html
+    assert "timestamp_parse" in html and "values that are not ISO 8601 timestamps" in html
