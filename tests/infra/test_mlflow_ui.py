@@ -93,12 +93,18 @@ def mlflow_ui(store: Store, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    """Headless Debian Chromium through Playwright; fails (never skips) when it is missing."""
-    chromium = shutil.which("chromium")
-    if chromium is None:
+@pytest.fixture(scope="module", autouse=True)
+def chromium() -> str:
+    """Debian's Chromium, looked up first: when it is missing the tests fail at once, never skip."""
+    path = shutil.which("chromium")
+    if path is None:
         pytest.fail(INSTALL_HINT, pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: str) -> Iterator[Browser]:
+    """Headless Chromium through Playwright."""
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         yield launched
