@@ -2,9 +2,11 @@
 
 The comparison uses the evaluation metrics each version's MLflow run logged (``test_<metric>``,
 honest metrics only) and the mean false-alarm rate on normal test points at the calibrated
-threshold (``test_fpr_normal``). A model calibrated with the leaky ``reference`` method is never
-promoted by the gate. The decision and its numbers are logged on the challenger's run; a person
-can still override it by moving the ``champion`` alias (``atp promote`` or the MLflow UI).
+threshold (``test_fpr_normal``), whatever the two models are (the Anomaly Transformer or a baseline;
+their ``detector`` version tags are logged with the decision). A model calibrated with the leaky
+``reference`` method is never promoted by the gate. The decision and its numbers are logged on the
+challenger's run; a person can still override it by moving the ``champion`` alias (``atp promote``
+or the MLflow UI).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import TRANSIENT_RETRIES
-from tasks.registry import CHAMPION, get_alias_version, promote
+from tasks.registry import CHAMPION, DETECTOR_TAG, get_alias_version, promote
 from tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -153,13 +155,16 @@ def gate_and_promote(
     """Decide on ``version`` against the current champion, log it on ``version``'s run, and move
     ``champion`` to ``version`` if it passed (or ``force``)."""
     client = MlflowClient(get_settings().mlflow_tracking_uri)
-    run_id = client.get_model_version(model_name, str(version)).run_id
+    challenger = client.get_model_version(model_name, str(version))
+    run_id = challenger.run_id
     run = client.get_run(run_id)
     champion_version = get_alias_version(model_name, CHAMPION)
     champion = None
+    detectors = {"gate.challenger_detector": challenger.tags.get(DETECTOR_TAG, "")}
     if champion_version is not None and champion_version != version:
-        champion_run = client.get_model_version(model_name, str(champion_version)).run_id
-        champion = client.get_run(champion_run).data.metrics
+        held = client.get_model_version(model_name, str(champion_version))
+        champion = client.get_run(held.run_id).data.metrics
+        detectors["gate.champion_detector"] = held.tags.get(DETECTOR_TAG, "")
     decision = decide(
         run.data.metrics,
         champion,
@@ -172,6 +177,8 @@ def gate_and_promote(
     if force and not decision.promoted:
         decision = GateDecision(**{**asdict(decision), "promoted": True, "forced": True})
     _log_decision(client, run_id, decision)
+    for key, name in detectors.items():
+        client.set_tag(run_id, key, name)
     log.info(
         "%s v%s gate: %s (%s)",
         model_name,

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.ingest import ingest_flow
 from flows.params import CalibrationParams, GateParams, ModelParams, TrainFlowParams
-from flows.scoring import scoring_flow
+from flows.scoring import backfill_flow, scoring_flow
 from flows.training import training_flow
 from model.detector_checkpoint import SCORING_METHOD, DetectorCheckpoint
 from model.scaling import Scaler
@@ -93,6 +93,7 @@ def test_baseline_challenger_wins_the_gate_and_serves_the_scoring_flow(
     tags, metrics = _gate_tags(second.version)
     assert tags["gate.decision"] == "promoted" and tags["gate.champion_version"] == "1"
     assert metrics["test_entities_evaluated"] == 2
+    assert (tags["gate.challenger_detector"], tags["gate.champion_detector"]) == ("knn", "max_z")
     champion_vus_pr = _gate_tags(first.version)[1]["test_vus_pr"]
     assert metrics["test_vus_pr"] > metrics["gate_champion_value"] == champion_vus_pr
     assert 0.0 <= metrics["control_random_vus_pr"] < metrics["test_vus_pr"]
@@ -106,12 +107,13 @@ def test_baseline_challenger_wins_the_gate_and_serves_the_scoring_flow(
     assert loaded.extras["scoring_method"] == SCORING_METHOD
     assert {"threshold", "calibration_scores", "training_profiles"} <= set(loaded.extras)
 
-    assert sum(r.scored for r in scoring_flow(source="smd")) == 2 * (TRAIN_ROWS + TEST_ROWS - NEW_ROWS)
+    rows = TRAIN_ROWS + TEST_ROWS  # per machine
+    assert sum(r.scored for r in scoring_flow(source="smd")) == 2 * (rows - NEW_ROWS)
     ingest_flow(str(new), kind="csv", contract="smd")
     assert [r.scored for r in scoring_flow(source="smd")] == [NEW_ROWS, NEW_ROWS]
     scheduled = _scores(baseline_env)
     assert set(scheduled["model_version"]) == {str(second.version)}
-    assert len(scheduled) == 2 * (TRAIN_ROWS + TEST_ROWS) and scheduled["p_value"].between(0, 1).all()
+    assert len(scheduled) == 2 * rows and scheduled["p_value"].between(0, 1).all()
     assert all(len(json.loads(t)) == 3 for t in scheduled["top_sensors"])
 
     # The stored scores are the champion detector's, scored from the raw readings directly.
@@ -124,3 +126,7 @@ def test_baseline_challenger_wins_the_gate_and_serves_the_scoring_flow(
         np.testing.assert_allclose(got, want, rtol=1e-5)
         threshold = scheduled.loc[scheduled["entity"] == entity, "threshold"].iloc[0]
         assert threshold == loaded.extras["threshold"]
+
+    # A backfill from mid-range (kNN context read from before it) writes the same scores.
+    backfill_flow(source="smd", start=scheduled["ts"].iloc[TRAIN_ROWS + 5])
+    np.testing.assert_allclose(_scores(baseline_env)["score"], scheduled["score"], rtol=1e-6)

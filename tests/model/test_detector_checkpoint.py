@@ -28,7 +28,11 @@ def _fitted(name: str, **params: object) -> DetectorCheckpoint:
 
 @pytest.mark.parametrize(
     ("name", "params", "win"),
-    [("knn", {"window": 5, "k": 2}, 5), ("pca", {"n_components": 1}, 1), ("isolation_forest", {"seed": 3}, 1)],
+    [
+        ("knn", {"window": 5, "k": 2}, 5),
+        ("pca", {"n_components": 1}, 1),
+        ("isolation_forest", {"seed": 3}, 1),
+    ],
 )
 def test_save_load_and_score_from_a_skip(
     tmp_path: Path, name: str, params: dict[str, object], win: int
