@@ -23,7 +23,7 @@ from model.scaling import Scaler
 _BLOCK_ROWS = 4096
 
 
-def average_path_length(n: NDArray[np.float64] | float) -> NDArray[np.float64]:
+def average_path_length(n: NDArray[Any] | float) -> NDArray[np.float64]:
     """``c(n)``: the mean path length of an unsuccessful search in a binary tree of ``n`` points."""
     sizes = np.asarray(n, dtype=np.float64)
     out = np.where(sizes == 2, 1.0, 0.0)
