@@ -102,7 +102,8 @@ class TrainFlowParams(BaseModel):
         "anomaly_transformer",
         description=(
             "the model trained: the Anomaly Transformer, or a baseline fitted per entity on the "
-            "same scaled fit part (model and training settings and scoring_method then unused)"
+            "same scaled fit part and split (model.win_size still sets the split, training.seed "
+            "seeds isolation_forest; the other model and training settings are unused)"
         ),
     )
     model: ModelParams = ModelParams()
