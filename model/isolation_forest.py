@@ -85,6 +85,8 @@ def grow_forest(
     active = np.ones(n_trees * psi, dtype=bool)
     for _ in range(height):
         index = np.flatnonzero(active)
+        if index.size == 0:  # every node is a leaf already (few distinct values)
+            break
         key = tree[index] * n_nodes + node[index]
         order = np.argsort(key, kind="stable")
         index, key = index[order], key[order]

@@ -228,6 +228,16 @@ def test_isolation_forest_by_hand() -> None:
     assert detector.score([[-3.0], [0.5], [9.0]]) == pytest.approx([0.5, 0.5, 0.5])
 
 
+def test_isolation_forest_fits_rows_with_few_distinct_values() -> None:
+    # Every tree runs out of splits before its height limit: two values, one split each.
+    train = np.repeat([[0.0, 5.0], [1.0, 5.0]], 200, axis=0)
+    detector = IsolationForestDetector(n_trees=20).fit(train)
+    scores = detector.score([[0.0, 5.0], [1.0, 5.0], [3.0, 5.0]])
+    assert np.all((0.0 < scores) & (scores <= 1.0))
+    assert scores[2] == scores[1]  # beyond the range: the same side of every split as 1.0
+    assert detector.forest is not None and (detector.forest.feature >= 0).sum() == 20
+
+
 def test_knn_contributions_by_hand() -> None:
     # Standardised train (-1, -1), (1, 1); the query (3, 1) is nearest to (1, 1): difference
     # (2, 0), so the whole distance 2 falls on the first channel.
