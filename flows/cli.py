@@ -15,6 +15,8 @@ BENCHMARK_LAYOUTS = [k for k in INGEST_KINDS if k not in ("csv", "parquet")]
 COLUMN_OPTIONS = ("entity", "timestamp", "label", "sensor", "value")
 # TrainFlowParams.detector's values (not imported here: the parser stays free of torch).
 TRAIN_MODELS = ["anomaly_transformer", "pca", "knn", "max_z", "isolation_forest"]
+# TrainFlowParams.scoring_method's values, likewise.
+SCORING_METHODS = ["recon_mean_norm", "recon_mean", "recon_last", "reference_last"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
         type=datetime.fromisoformat,
         default=None,
         help="end of the training range (default: each entity's first labelled row)",
+    )
+    train.add_argument(
+        "--scoring-method",
+        choices=SCORING_METHODS,
+        help="recon_mean_norm (default): error averaged over windows, each sensor's divided by "
+        "its mean on the validation tail, final win_size - 1 rows later; recon_mean: undivided; "
+        "recon_last: error of the window ending at the point, final at once",
     )
     train.add_argument("--max-epochs", type=int, help="maximum epochs")
     train.add_argument("--max-steps", type=int, help="maximum optimiser steps")
@@ -178,6 +187,7 @@ def _train_params(args: argparse.Namespace) -> Any:
             "source": args.source,
             "train_end": args.train_end,
             "detector": args.model or base.detector,
+            "scoring_method": args.scoring_method or base.scoring_method,
             "promote": args.promote or base.promote,
             "training": base.training.model_copy(update=training),
             "calibration": base.calibration.model_copy(update=calibration),

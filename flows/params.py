@@ -92,12 +92,22 @@ class GateParams(BaseModel):
     force: bool = Field(False, description="promote whatever the gate decides (logged as forced)")
 
 
+ScoringMethod = Literal["recon_mean_norm", "recon_mean", "recon_last", "reference_last"]
+
+
 class TrainFlowParams(BaseModel):
     """Everything a training run needs besides settings from the environment."""
 
     source: str = "smd"
     train_end: datetime | None = None
-    scoring_method: Literal["recon_last", "reference_last"] = "recon_last"
+    scoring_method: ScoringMethod = Field(
+        "recon_mean_norm",
+        description=(
+            "recon_mean_norm: error averaged over the windows holding a point, each sensor's "
+            "divided by its mean on the validation tail; recon_mean: without that division; "
+            "both final win_size - 1 rows later. recon_last, reference_last: final at once"
+        ),
+    )
     detector: Literal["anomaly_transformer", "pca", "knn", "max_z", "isolation_forest"] = Field(
         "anomaly_transformer",
         description=(

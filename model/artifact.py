@@ -40,6 +40,11 @@ class ScoringModel(Protocol):
     @property
     def extras(self) -> dict[str, Any]: ...
 
+    @property
+    def provisional_points(self) -> int:
+        """How many of a series' last scores rows after them still change (0: final at once)."""
+        ...
+
     def score(
         self, values: np.ndarray, *, entity: str, skip: int = 0, batch_size: int = 512
     ) -> ScoreResult:

@@ -19,7 +19,7 @@ import torch
 from model.config import ModelConfig
 from model.device import resolve_device
 from model.network import AnomalyTransformer
-from model.scoring import ScoreResult, score_series
+from model.scoring import SENSOR_NORMALISED, ScoreResult, provisional_points, score_series
 
 FORMAT = "anomaly-transformer-checkpoint/1"
 
@@ -36,7 +36,23 @@ class Checkpoint:
         """Score a scaled `(T, C)` series with ``extras["scoring_method"]`` (one network for every
         ``entity``); the result covers ``values[skip:]``."""
         method = self.extras["scoring_method"]
-        return score_series(self.model, values, method, skip=skip, batch_size=batch_size)
+        base = SENSOR_NORMALISED.get(method, method)
+        result = score_series(self.model, values, base, skip=skip, batch_size=batch_size)
+        if base == method:
+            return result
+        scales = self.extras.get("sensor_scales", {})
+        if entity not in scales:
+            raise ValueError(
+                f"invalid checkpoint: scoring method {method!r} needs sensor_scales for entity "
+                f"{entity!r}; it has them for {sorted(scales)}"
+            )
+        contributions = (result.contributions / np.asarray(scales[entity])).astype(np.float32)
+        return ScoreResult(contributions.sum(axis=1), contributions)
+
+    @property
+    def provisional_points(self) -> int:
+        """How many of a series' last scores later rows still change (``recon_mean``: L - 1)."""
+        return provisional_points(self.extras["scoring_method"], self.model_cfg.win_size)
 
     def save(self, path: str | Path, extras: dict[str, Any] | None = None) -> None:
         """Write this checkpoint, with ``extras`` in place of its own when given."""

@@ -6,11 +6,15 @@ Methods (``docs/interfaces.md``, "Scores and their span"):
 * ``reference_last``: the reference score at the last position of the window ending at the point;
 * ``reference``: the paper's score on non-overlapping windows from index 0; the tail that does
   not fill a window comes from the window ending at the last point;
-* ``recon_mean``: per-point MSE averaged over every window containing the point.
+* ``recon_mean``: per-point MSE averaged over every window containing the point;
+* ``recon_mean_norm`` (``SENSOR_NORMALISED``): ``recon_mean`` with each sensor's error divided by
+  its mean on the validation tail, per entity (scored by ``model.checkpoint.Checkpoint.score``).
 
 For the streaming methods (``*_last``) the first ``L - 1`` points take their values from the first
-window at their own positions. ``contributions[t, c]`` is channel ``c``'s squared error weighted
-like the score, divided by the channel count, so every row sums to the score.
+window at their own positions. ``recon_mean`` averages the first and last ``L - 1`` points of a
+series over the fewer windows there are; the last ones are provisional until ``L - 1`` more rows
+arrive (:func:`provisional_points`). ``contributions[t, c]`` is channel ``c``'s squared error
+weighted like the score, divided by the channel count, so every row sums to the score.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ from model.network import AnomalyTransformer, at_least_float32
 from model.steps import compile_options
 
 METHODS: tuple[str, ...] = ("reference", "reference_last", "recon_last", "recon_mean")
+# Methods that divide each sensor's error by its mean on held-out normal data, and the method
+# whose errors they divide (the division needs per-entity scales: ``model.checkpoint``).
+SENSOR_NORMALISED: dict[str, str] = {"recon_mean_norm": "recon_mean"}
+SCALE_FLOOR = 1e-12
 
 
 class ScoreResult(NamedTuple):
@@ -54,6 +62,25 @@ def window_contributions(
     summed = association_discrepancy(out.series, out.prior) * len(out.series)  # (b, L), fp32
     weights = torch.softmax(-model.cfg.temperature * summed, dim=-1)  # (b, L)
     return squared * weights.unsqueeze(-1)
+
+
+def provisional_points(method: str, win_size: int) -> int:
+    """How many of a series' last points hold a score that later rows still change.
+
+    ``win_size - 1`` for the methods that use windows after a point (``recon_mean``, whose point
+    is final once the window starting at it is complete, and ``reference``); 0 for the ``*_last``
+    methods, whose point is final when the window ending at it is.
+    """
+    base = SENSOR_NORMALISED.get(method, method)
+    if base not in METHODS:
+        raise ValueError(f"invalid method={method!r}: expected one of {METHODS}")
+    return win_size - 1 if base in ("recon_mean", "reference") else 0
+
+
+def sensor_error_scales(contributions: np.ndarray) -> np.ndarray:
+    """Each sensor's mean error `(C,)` over held-out normal points `(T, C)`: what the
+    ``SENSOR_NORMALISED`` methods divide that sensor's error by."""
+    return np.asarray(contributions, np.float64).mean(axis=0) + SCALE_FLOOR
 
 
 def designated_starts(points: torch.Tensor, method: str, n_points: int, win: int) -> torch.Tensor:
@@ -150,19 +177,23 @@ def _take_from_windows(batches: _WindowBatches, skip: int) -> torch.Tensor:
 
 
 def _mean_over_windows(batches: _WindowBatches, skip: int) -> torch.Tensor:
-    """Each point's average over every window containing it: `(T - skip, C)`."""
+    """Each point's average over every window containing it: `(T - skip, C)`.
+
+    Sums in float64, so that how the windows fall into batches (which differs between a scheduled
+    chunk and a backfill) does not change the float32 result.
+    """
     n_points, win = batches.series.shape[0], batches.model.cfg.win_size
     device = batches.series.device
-    out = torch.zeros(n_points - skip, batches.series.shape[1], device=device)  # (P, C)
+    out = torch.zeros(n_points - skip, batches.series.shape[1], device=device, dtype=torch.float64)
     starts = torch.arange(max(0, skip - win + 1), n_points - win + 1, device=device)
     for batch in starts.split(batches.batch_size):
         weighted = batches.weighted(batch)  # (b, L, C)
         rows = batch[:, None] + batches.offsets  # (b, L)
-        kept = weighted * (rows >= skip).unsqueeze(-1)  # (b, L, C): context points add nothing
+        kept = weighted.double() * (rows >= skip).unsqueeze(-1)  # (b, L, C): context adds nothing
         out.index_put_(((rows - skip).clamp(min=0).flatten(),), kept.flatten(0, 1), accumulate=True)
     points = torch.arange(skip, n_points, device=device)
     coverage = points.clamp(max=n_points - win) - (points - win + 1).clamp(min=0) + 1  # (P,)
-    return out / coverage.unsqueeze(-1)
+    return (out / coverage.unsqueeze(-1)).float()
 
 
 def score_series(

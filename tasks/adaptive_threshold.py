@@ -8,6 +8,8 @@ covers, and moves in the transaction that writes those scores, under the entity 
 
 - points at or before the state's ``last_ts`` were already flagged by an earlier (or concurrent)
   run and are not flagged again, so each point advances the state exactly once;
+- provisional scores (``recon_mean``'s last points) are flagged from the state without advancing
+  it; the state advances when the run that makes them final re-scores them;
 - a new model version starts from a fresh state (alpha_t = alpha);
 - backfills always use the static threshold and leave the state alone: a backfill of any range
   then gives the same rows whenever it runs, whatever the schedule did before.
@@ -73,7 +75,8 @@ def apply_adaptive(
     extras: dict[str, Any],
     gamma: float = DEFAULT_GAMMA,
 ) -> pd.DataFrame:
-    """Re-flag score ``rows`` (sorted by ts) with the entity's ACI state and advance it in ``conn``.
+    """Re-flag score ``rows`` (sorted by ts) with the entity's ACI state and advance it in ``conn``
+    over the final rows; provisional rows (which follow them) are flagged without advancing it.
 
     Rows the state already covers are dropped from the result: they are stored already.
     """
@@ -84,6 +87,9 @@ def apply_adaptive(
     if rows.empty:
         return rows
     result = aci_scores(state, rule.null_scores, rows["score"].to_numpy(np.float64))
-    newest = pd.Timestamp(rows["ts"].iloc[-1]).to_pydatetime()
-    _save_state(conn, source, watermark, result.state, newest)
+    final = int((~rows["provisional"].to_numpy(bool)).sum())
+    if final:
+        advanced = aci_scores(state, rule.null_scores, rows["score"].to_numpy(np.float64)[:final])
+        newest = pd.Timestamp(rows["ts"].iloc[final - 1]).to_pydatetime()
+        _save_state(conn, source, watermark, advanced.state, newest)
     return rows.assign(threshold=result.thresholds, is_anomaly=result.is_anomaly)

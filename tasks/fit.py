@@ -20,6 +20,8 @@ from model.checkpoint import save_checkpoint
 from model.config import ModelConfig, TrainConfig
 from model.detector_checkpoint import SCORING_METHOD, fit_detectors
 from model.drift import TrainingProfile
+from model.network import AnomalyTransformer
+from model.scoring import SENSOR_NORMALISED, score_series, sensor_error_scales
 from model.train import fit
 from tasks.windowing import DatasetRef
 
@@ -44,6 +46,25 @@ def training_profiles(dataset: DatasetRef) -> dict[str, dict[str, Any]]:
         raw = fit_part.astype(np.float64) * scaler.scale + scaler.mean
         profiles[entity] = TrainingProfile.fit(raw).to_dict()
     return profiles
+
+
+def sensor_scales(
+    model: AnomalyTransformer, dataset: DatasetRef, method: str
+) -> dict[str, list[float]]:
+    """Per entity, each sensor's mean error by ``method``'s base on its validation tail (with the
+    fit part as context; on the fit part where there is no tail): the divisors of ``method``."""
+    base, context_rows = SENSOR_NORMALISED[method], model.cfg.win_size - 1
+    scales = {}
+    for entity in dataset.entities:
+        fit_part, val_part = dataset.load(entity)
+        if len(val_part):
+            context = fit_part[max(0, len(fit_part) - context_rows) :]
+            values = np.concatenate([context, val_part])
+        else:
+            context, values = fit_part[:0], fit_part
+        errors = score_series(model, values, base, skip=len(context)).contributions
+        scales[entity] = sensor_error_scales(errors).tolist()
+    return scales
 
 
 AT = "anomaly_transformer"
@@ -90,6 +111,8 @@ def train_model(
     )
     seconds = time.perf_counter() - started
     extras = common_extras(dataset, AT, scoring_method) | {"train_config": train_cfg.to_dict()}
+    if scoring_method in SENSOR_NORMALISED:
+        extras["sensor_scales"] = sensor_scales(result.model, dataset, scoring_method)
     save_checkpoint(out_path, result.model, model_cfg, extras)
     n_parameters = sum(p.numel() for p in result.model.parameters())
     return TrainedModel(

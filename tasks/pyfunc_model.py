@@ -28,6 +28,7 @@ SHA256_KEY = "checkpoint_sha256"
 ENTITY_PARAM = "entity"
 SCORE_COLUMN = "score"
 CONTRIBUTION_PREFIX = "contribution_"
+PROVISIONAL_COLUMN = "provisional"
 
 
 def file_sha256(path: Path) -> str:
@@ -37,11 +38,13 @@ def file_sha256(path: Path) -> str:
 
 
 def model_signature(sensors: list[str]) -> ModelSignature:
-    """float32 sensor columns in, float64 score and contributions out, the entity as a parameter."""
+    """float32 sensor columns in; float64 score and contributions and the boolean provisional
+    flag out; the entity as a parameter."""
     inputs = Schema([ColSpec(DataType.float, sensor) for sensor in sensors])
     outputs = Schema(
         [ColSpec(DataType.double, SCORE_COLUMN)]
         + [ColSpec(DataType.double, CONTRIBUTION_PREFIX + sensor) for sensor in sensors]
+        + [ColSpec(DataType.boolean, PROVISIONAL_COLUMN)]
     )
     params = ParamSchema([ParamSpec(ENTITY_PARAM, DataType.string, "")])
     return ModelSignature(inputs, outputs, params)
@@ -53,7 +56,9 @@ class AnomalyTransformerPyfunc(PythonModel):
 
     ``predict`` takes a frame with one float32 column per sensor (the checkpoint's sensors, rows in
     time order, at least ``win_size`` of them) and ``params={"entity": <name>}``, the entity whose
-    scaler applies. It returns ``score`` and one ``contribution_<sensor>`` column per sensor.
+    scaler applies. It returns ``score``, one ``contribution_<sensor>`` column per sensor and
+    ``provisional``: true for the last rows whose score rows after them would still change
+    (``win_size - 1`` rows with the ``recon_mean*`` methods, none otherwise).
     """
 
     checkpoint: ScoringModel
@@ -94,6 +99,8 @@ class AnomalyTransformerPyfunc(PythonModel):
         columns = {SCORE_COLUMN: result.scores.astype(np.float64)}
         for index, sensor in enumerate(sensors):
             columns[CONTRIBUTION_PREFIX + sensor] = contributions[:, index]
+        rows_after = np.arange(len(raw))[::-1]
+        columns[PROVISIONAL_COLUMN] = rows_after < self.checkpoint.provisional_points
         return pd.DataFrame(columns, index=model_input.index)
 
 

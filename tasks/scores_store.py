@@ -1,8 +1,10 @@
 """Scores and their watermarks: upserted together in the caller's transaction, never half-written.
 
-Scores are replaced on conflict (same source, entity, ts, model name); the watermark of
-(source, entity, model name) moves in the same transaction and never backwards, so a run killed
-at any point leaves scores and watermark consistent and the next run continues where it stopped.
+Scores are replaced on conflict (same source, entity, ts, model name), except that a provisional
+score never replaces a final one; the watermark of (source, entity, model name) moves in the same
+transaction and never backwards, so a run killed at any point leaves scores and watermark
+consistent and the next run continues where it stopped. A provisional score (one that rows after
+it can still change) is replaced by the next scheduled run that has those rows.
 """
 
 from __future__ import annotations
@@ -78,6 +80,20 @@ def get_watermark(conn: Connection, source: str, entity: str, model_name: str) -
     return None if row is None else Watermark(*row)
 
 
+def first_provisional(
+    conn: Connection, source: str, entity: str, model_name: str
+) -> datetime | None:
+    """The ts of the entity's earliest provisional score by ``model_name``, or None."""
+    s = anomaly_scores.c
+    query = sa.select(sa.func.min(s.ts)).where(
+        s.source == check_identifier(source, "source"),
+        s.entity == entity,
+        s.model_name == model_name,
+        s.provisional,
+    )
+    return conn.scalar(query)
+
+
 def _check_score_frame(frame: pd.DataFrame, entity: str) -> None:
     missing = sorted(set(SCORE_COLUMNS) - set(frame.columns))
     extra = sorted(set(frame.columns) - set(SCORE_COLUMNS) - {"entity"})
@@ -97,7 +113,8 @@ def write_scores(
     *,
     move_watermark: bool = True,
 ) -> int:
-    """Upsert one entity's scores (replacing earlier ones) and advance its watermark, in ``conn``.
+    """Upsert one entity's scores (replacing earlier ones, but a final score never by a provisional
+    one) and advance its watermark, in ``conn``.
 
     ``frame`` has the columns ``SCORE_COLUMNS`` (``top_sensors``: JSON text or a list of sensor
     names) and optionally ``entity`` (must equal ``watermark.entity``); entity, model name and
@@ -124,7 +141,9 @@ def write_scores(
     replace = {c.name: insert.excluded[c.name] for c in anomaly_scores.columns if not c.primary_key}
     conn.execute(
         insert.on_conflict_do_update(
-            index_elements=list(anomaly_scores.primary_key.columns.keys()), set_=replace
+            index_elements=list(anomaly_scores.primary_key.columns.keys()),
+            set_=replace,
+            where=sa.or_(~insert.excluded.provisional, anomaly_scores.c.provisional),
         )
     )
     stage.drop(conn)

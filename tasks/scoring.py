@@ -1,9 +1,12 @@
 """Score readings with a registered model and write the results, with the watermark, atomically.
 
-A point's score is a pure function of the model version and the ``win_size`` rows of its entity that
-end at the point (``recon_last``/``reference_last``), so scheduled runs, small incremental runs and
-backfills give the same value for the same point. The first ``win_size - 1`` rows of an entity are
-scored from the entity's first window once it is complete.
+A point's final score is a pure function of the model version and the rows of its entity around
+it: the ``win_size`` rows that end at the point (``recon_last``/``reference_last``), or the
+``2 * win_size - 1`` rows centred on it (``recon_mean``), so scheduled runs, small incremental runs
+and backfills give the same value for the same point. The first ``win_size - 1`` rows of an entity
+are scored once its first window is complete. With ``recon_mean`` the last ``win_size - 1`` rows
+scored are ``provisional``: the next scheduled run re-scores them with the rows that came since
+(replacing them, never adding rows), and a backfill reads ``win_size - 1`` rows past its range.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from tasks.drift_monitor import check_batch, record_drift
 from tasks.errors import DataContractError, ModelRegistryError
 from tasks.events import EventRules, refresh_events
 from tasks.registry import LoadedModel
-from tasks.scores_store import Watermark, get_watermark, write_scores
+from tasks.scores_store import Watermark, first_provisional, get_watermark, write_scores
 from tasks.validate import validate_readings
 from tasks.warehouse import get_engine, read_readings, read_transaction
 
@@ -81,23 +84,33 @@ def top_sensors(contributions: np.ndarray, sensors: list[str], k: int = TOP_SENS
     ]
 
 
-def score_rows(loaded: LoadedModel, entity: str, frame: pd.DataFrame, skip: int) -> pd.DataFrame:
-    """Rows of ``anomaly_scores`` for ``frame[skip:]`` (``frame`` = context + new rows)."""
+def score_rows(
+    loaded: LoadedModel, entity: str, frame: pd.DataFrame, skip: int, rows: int | None = None
+) -> pd.DataFrame:
+    """Rows of ``anomaly_scores`` for ``frame[skip : skip + rows]`` (``rows=None``: to the end).
+
+    ``frame`` holds context before them and, for methods that use later windows, the rows after
+    them that there are; a point with fewer than ``provisional_points`` rows after it in
+    ``frame`` is marked provisional.
+    """
     extras = loaded.checkpoint.extras
     sensors = list(extras["sensors"])
     scores, contributions = score_values(
         loaded.checkpoint, entity, frame[sensors].to_numpy(np.float64), skip
     )
+    scores, contributions = scores[:rows], contributions[:rows]
+    lag = loaded.checkpoint.provisional_points
+    rows_after = len(frame) - 1 - np.arange(skip, skip + len(scores))
     rule = alarm_rule(extras, entity)
     return pd.DataFrame(
         {
-            "ts": frame["ts"].iloc[skip:].to_numpy(),
+            "ts": frame["ts"].iloc[skip : skip + len(scores)].to_numpy(),
             "score": scores.astype(np.float64),
             "threshold": rule.threshold,
             "is_anomaly": scores > rule.threshold,
             "p_value": p_values(rule.null_scores, scores),
             "top_sensors": top_sensors(contributions, sensors),
-            "provisional": False,
+            "provisional": rows_after < lag,
         }
     )
 
@@ -133,14 +146,23 @@ def _write_chunk(
     options: ScoringOptions,
     *,
     move_watermark: bool,
+    new_after: datetime | None,
 ) -> pd.DataFrame:
-    """Scores, watermark, events, drift check and adaptive state of one chunk, all in ``conn``."""
+    """Scores, watermark, events, drift check and adaptive state of one chunk, all in ``conn``.
+
+    ``values`` are the chunk's raw readings; the drift check takes only the rows after
+    ``new_after`` (re-scored provisional rows were checked when they were new).
+    """
     extras = loaded.checkpoint.extras
     lock_entity(conn, source, watermark.entity, watermark.model_name)
-    batch_start = pd.Timestamp(result["ts"].iloc[0]).to_pydatetime()
-    if options.check_drift:
-        check = check_batch(extras, watermark.entity, values, result["score"].to_numpy())
-        record_drift(conn, source, watermark, batch_start, len(result), check)
+    fresh = np.ones(len(result), dtype=bool)
+    if new_after is not None:
+        fresh = (result["ts"] > pd.Timestamp(new_after)).to_numpy()
+    if options.check_drift and fresh.any():
+        scores = result["score"].to_numpy()[fresh]
+        check = check_batch(extras, watermark.entity, values[fresh], scores)
+        batch_start = pd.Timestamp(result["ts"][fresh].iloc[0]).to_pydatetime()
+        record_drift(conn, source, watermark, batch_start, len(scores), check)
     if options.threshold_mode == "adaptive":
         result = apply_adaptive(conn, source, watermark, result, extras, options.gamma)
         if result.empty:
@@ -161,22 +183,45 @@ def _write_chunk(
 
 @dataclass(frozen=True)
 class PendingRows:
-    """One entity's rows to score, after ``context_rows`` rows of context read from before them."""
+    """One entity's rows to score: ``frame`` = ``context_rows`` rows of context read from before
+    them, the rows to score, then ``lookahead_rows`` rows read from after them that finalise the
+    scores averaged over windows. ``new_after``: the watermark before this run (rows up to it were
+    scored before, some provisionally)."""
 
     entity: str
     frame: pd.DataFrame
     context_rows: int
+    lookahead_rows: int = 0
+    new_after: datetime | None = None
+
+    @property
+    def rows_to_score(self) -> int:
+        return len(self.frame) - self.context_rows - self.lookahead_rows
 
 
 def _new_rows(engine: Engine, contract: Contract, loaded: LoadedModel, entity: str) -> PendingRows:
-    """The rows after the entity's watermark, led by up to ``win_size - 1`` rows of context."""
+    """The rows after the entity's watermark, and its provisional rows before it, led by up to
+    ``win_size - 1`` rows of context; nothing to score when no row came after the watermark."""
     with read_transaction(engine) as conn:
         watermark = get_watermark(conn, contract.name, entity, loaded.name)
-    after = None if watermark is None else watermark.last_ts
-    context = None if after is None else loaded.checkpoint.model_cfg.win_size - 1
-    frame = read_readings(engine, contract, entity=entity, after=after, limit_before=context)
-    context_rows = 0 if after is None else int((frame["ts"] <= pd.Timestamp(after)).sum())
-    return PendingRows(entity, frame, context_rows)
+        provisional = first_provisional(conn, contract.name, entity, loaded.name)
+    if watermark is None:
+        frame = read_readings(engine, contract, entity=entity)
+        return PendingRows(entity, frame, 0)
+    context = loaded.checkpoint.model_cfg.win_size - 1
+    if provisional is None or provisional > watermark.last_ts:
+        frame = read_readings(
+            engine, contract, entity=entity, after=watermark.last_ts, limit_before=context
+        )
+        context_rows = int((frame["ts"] <= pd.Timestamp(watermark.last_ts)).sum())
+    else:
+        frame = read_readings(
+            engine, contract, entity=entity, start=provisional, limit_before=context
+        )
+        context_rows = int((frame["ts"] < pd.Timestamp(provisional)).sum())
+    if not (frame["ts"] > pd.Timestamp(watermark.last_ts)).any():
+        context_rows = len(frame)  # up to date: provisional rows wait for the rows after them
+    return PendingRows(entity, frame, context_rows, new_after=watermark.last_ts)
 
 
 def _range_rows(
@@ -187,20 +232,29 @@ def _range_rows(
     start: datetime | None,
     end: datetime | None,
 ) -> PendingRows:
-    """The rows with ``start <= ts < end``, led by up to ``win_size - 1`` rows of context."""
+    """The rows with ``start <= ts < end``, led by up to ``win_size - 1`` rows of context and
+    followed by up to ``provisional_points`` rows from ``end`` on."""
     context = None if start is None else loaded.checkpoint.model_cfg.win_size - 1
+    lookahead = None if end is None else loaded.checkpoint.provisional_points
     frame = read_readings(
-        engine, contract, entity=entity, start=start, end=end, limit_before=context
+        engine,
+        contract,
+        entity=entity,
+        start=start,
+        end=end,
+        limit_before=context,
+        limit_after=lookahead,
     )
     context_rows = 0 if start is None else int((frame["ts"] < pd.Timestamp(start)).sum())
-    return PendingRows(entity, frame, context_rows)
+    lookahead_rows = 0 if end is None else int((frame["ts"] >= pd.Timestamp(end)).sum())
+    return PendingRows(entity, frame, context_rows, lookahead_rows)
 
 
 def _not_scoreable(loaded: LoadedModel, pending: PendingRows, empty: str) -> EntityResult | None:
     """The result of an entity with nothing to score now; None when it has rows to score."""
     win = loaded.checkpoint.model_cfg.win_size
     entity, rows = pending.entity, len(pending.frame)
-    if rows == pending.context_rows:
+    if pending.rows_to_score == 0:
         return EntityResult(entity, 0, 0, None, empty)
     if entity not in loaded.checkpoint.extras["scalers"]:
         return EntityResult(entity, 0, 0, None, "not in the model's training data: not scored")
@@ -305,17 +359,24 @@ def _score_in_chunks(
     move_watermark: bool,
     options: ScoringOptions,
 ) -> EntityResult:
-    """Score the pending rows chunk by chunk; each chunk commits in its own transaction."""
-    win = loaded.checkpoint.model_cfg.win_size
+    """Score the pending rows chunk by chunk; each chunk commits in its own transaction.
+
+    A chunk reads ``win_size - 1`` rows before it and, for scores averaged over windows, the
+    ``provisional_points`` rows after it, so chunk boundaries change no score.
+    """
+    extras = loaded.checkpoint.extras
+    win, lag = loaded.checkpoint.model_cfg.win_size, loaded.checkpoint.provisional_points
     entity, frame = pending.entity, pending.frame
-    sensors = list(loaded.checkpoint.extras["sensors"])
-    scaler = Scaler.from_dict(loaded.checkpoint.extras["scalers"][entity])
+    sensors = list(extras["sensors"])
+    scaler = Scaler.from_dict(extras["scalers"][entity])
     scored = anomalies = 0
     step = max(chunk_rows, win)
-    for start in range(pending.context_rows, len(frame), step):
-        begin = max(0, start - (win - 1))
-        result = score_rows(loaded, entity, frame.iloc[begin : start + step], start - begin)
-        values = scaler.impute(frame[sensors].iloc[start : start + step].to_numpy(np.float64))
+    stop = pending.context_rows + pending.rows_to_score
+    for start in range(pending.context_rows, stop, step):
+        begin, end = max(0, start - (win - 1)), min(start + step, stop)
+        window = frame.iloc[begin : min(len(frame), end + lag)]
+        result = score_rows(loaded, entity, window, start - begin, end - start)
+        values = scaler.impute(frame[sensors].iloc[start:end].to_numpy(np.float64))
         last_ts = pd.Timestamp(result["ts"].iloc[-1]).to_pydatetime()
         watermark = Watermark(entity, loaded.name, last_ts, str(loaded.version), run_id)
         with engine.begin() as conn:
@@ -328,10 +389,11 @@ def _score_in_chunks(
                 watermark,
                 options,
                 move_watermark=move_watermark,
+                new_after=pending.new_after,
             )
         scored += len(written)
         anomalies += int(written["is_anomaly"].sum())
-    return EntityResult(entity, scored, anomalies, str(frame["ts"].iloc[-1]))
+    return EntityResult(entity, scored, anomalies, str(frame["ts"].iloc[stop - 1]))
 
 
 def score_new_rows(

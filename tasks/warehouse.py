@@ -264,6 +264,16 @@ def _context(
     return query.order_by(table.c.ts.desc()).limit(n)
 
 
+def _lookahead(
+    table: sa.Table, entity: str | None, end: datetime | str | None, n: int
+) -> sa.Select[Any]:
+    """The n rows of ``entity`` from the upper bound on (``ts >= end``)."""
+    if entity is None or end is None or n < 0:
+        raise ValueError("limit_after needs a count >= 0, entity and end")
+    query = sa.select(table).where(table.c.entity == entity, table.c.ts >= naive_utc(end))
+    return query.order_by(table.c.ts).limit(n)
+
+
 def read_readings(
     bind: Bind,
     contract: Contract,
@@ -273,11 +283,14 @@ def read_readings(
     end: datetime | str | None = None,
     after: datetime | str | None = None,
     limit_before: int | None = None,
+    limit_after: int | None = None,
 ) -> pd.DataFrame:
     """Readings with ``start <= ts < end`` and ``ts > after``, sorted by (entity, ts).
 
     ``limit_before=n`` (needs ``entity`` and one of ``start``/``after``) adds the n rows just before
-    that lower bound: the ``win_size - 1`` rows of context a window score needs. Sensors come back
+    that lower bound: the ``win_size - 1`` rows of context a window score needs. ``limit_after=n``
+    (needs ``entity`` and ``end``) adds the n rows from ``end`` on: the rows that make the scores
+    averaged over windows final up to ``end``. Sensors come back
     as float32, ``label`` as nullable Int64, ``ts`` as naive UTC datetime64[us].
     """
     table = readings_table(contract, sa.MetaData())
@@ -291,10 +304,13 @@ def read_readings(
     if after is not None:
         query = query.where(table.c.ts > naive_utc(after))
     context = None if limit_before is None else _context(table, entity, start, after, limit_before)
+    lookahead = None if limit_after is None else _lookahead(table, entity, end, limit_after)
     with _transaction(bind, read_only=True) as conn:
         rows = conn.execute(query.order_by(table.c.entity, table.c.ts)).all()
         if context is not None:
             rows = conn.execute(context).all()[::-1] + rows
+        if lookahead is not None:
+            rows += conn.execute(lookahead).all()
     frame = pd.DataFrame([tuple(row) for row in rows], columns=list(table.columns.keys()))
     dtypes = {"entity": "str", "ts": "datetime64[us]", "label": "Int64"}
     dtypes |= dict.fromkeys(contract.sensor_names, "float32")

@@ -10,7 +10,14 @@ import pandas as pd
 import pytest
 
 from data_contracts import load_contract
-from flows.cli import INGEST_KINDS, TRAIN_MODELS, _parser, _train_params, main
+from flows.cli import (
+    INGEST_KINDS,
+    SCORING_METHODS,
+    TRAIN_MODELS,
+    _parser,
+    _train_params,
+    main,
+)
 from flows.ingest import Kind
 from flows.params import TrainFlowParams, TrainingParams
 
@@ -34,10 +41,11 @@ def test_train_options_reach_the_flow_parameters() -> None:
             "--gate-margin=0.02",
             "--false-alarm-budget=0.05",
             "--force",
+            "--scoring-method=recon_last",
         ]
     )
     params = _train_params(args)
-    assert params.source == "pumps"
+    assert params.source == "pumps" and params.scoring_method == "recon_last"
     assert (params.training.max_epochs, params.training.precision) == (2, "fp32")
     calibration = params.calibration
     assert (calibration.alpha, calibration.method, calibration.scope) == (0.01, "pot", "entity")
@@ -57,6 +65,9 @@ def test_train_model_choices_are_the_flow_detectors() -> None:
     assert _train_params(_parser().parse_args(["train"])).detector == "anomaly_transformer"
     with pytest.raises(SystemExit):
         _parser().parse_args(["train", "--model=random"])
+    methods = TrainFlowParams.model_fields["scoring_method"].annotation
+    assert SCORING_METHODS == list(get_args(methods))
+    assert _train_params(_parser().parse_args(["train"])).scoring_method == "recon_mean_norm"
 
 
 def test_train_options_left_out_keep_the_preset() -> None:

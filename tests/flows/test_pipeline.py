@@ -26,7 +26,10 @@ def _count(url: str, table: str) -> int:
 
 
 def _scores(url: str) -> pd.DataFrame:
-    query = "SELECT entity, ts, score, p_value, is_anomaly FROM anomaly_scores ORDER BY entity, ts"
+    query = (
+        "SELECT entity, ts, score, p_value, is_anomaly, provisional FROM anomaly_scores "
+        "ORDER BY entity, ts"
+    )
     with get_engine(url).connect() as conn:
         return pd.read_sql(sa.text(query), conn)
 
@@ -83,7 +86,13 @@ def test_incremental_scoring_equals_one_backfill(
         scoring_flow(source="smd")
     incremental = _scores(atp_env)
     assert len(incremental) == 1000
+    win = tiny_training.model.win_size  # recon_mean: the last win - 1 rows wait for later rows
+    for _, rows in incremental.groupby("entity"):
+        assert rows["provisional"].tolist() == [False] * (500 - win + 1) + [True] * (win - 1)
 
+    backfill_flow(source="smd", end=pd.Timestamp("2020-01-01 06:00"))  # reads rows past `end`
+    np.testing.assert_allclose(_scores(atp_env)["score"], incremental["score"], rtol=1e-5)
+    assert _scores(atp_env)["provisional"].sum() == 2 * (win - 1)
     backfill_flow(source="smd")
     np.testing.assert_allclose(_scores(atp_env)["score"], incremental["score"], rtol=1e-5)
 

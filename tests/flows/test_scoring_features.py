@@ -55,13 +55,13 @@ def _register_champion(frame: pd.DataFrame, sensors: list[str], path: Path) -> N
         raw = rows[sensors].to_numpy(np.float64)
         scalers[entity] = Scaler.fit(raw)
         scaled = scalers[entity].transform(raw).astype(np.float32)
-        calibration.append(score_series(model, scaled, "recon_last", skip=200).scores)
+        calibration.append(score_series(model, scaled, "recon_mean", skip=200).scores)
     scores = np.sort(np.concatenate(calibration)).astype(float)
     profile = TrainingProfile.fit(train.loc[train["entity"] == PROFILED, sensors].to_numpy())
     extras = {
         "source": "smd",
         "sensors": sensors,
-        "scoring_method": "recon_last",
+        "scoring_method": "recon_mean",
         "scalers": {e: s.to_dict() for e, s in scalers.items()},
         "threshold": conformal_threshold(scores, ALPHA),
         "calibration_scores": scores.tolist(),
@@ -128,6 +128,7 @@ SCORE_COLUMNS = (
     "p_value",
     "top_sensors",
     "model_version",
+    "provisional",
 )
 
 
@@ -181,20 +182,22 @@ def test_events_and_drift_agree_across_split_runs_and_backfills(readings: pd.Dat
     assert [e.status for e in events_flow()] == ["open"] * len(open_events)
 
 
-def test_adaptive_mode_carries_its_state_across_batches(readings: pd.DataFrame) -> None:
+def test_adaptive_mode_carries_its_state_across_batches_and_runs(readings: pd.DataFrame) -> None:
     url = get_settings().warehouse_url
-    _load(url, readings)
-    scoring_flow(source="smd", threshold_mode="adaptive", chunk_rows=120)  # state across chunks
+    for until in ("2020-01-01 06:40", None):  # the second run re-scores 9 provisional rows
+        _load(url, readings, until)
+        scoring_flow(source="smd", threshold_mode="adaptive", chunk_rows=120)
     scores = _table(url, anomaly_scores, *SCORE_COLUMNS)
     calibration = load_model_version(get_settings().model_name, "champion").extras[
         "calibration_scores"
     ]
     for _, rows in scores.groupby("entity"):
+        assert len(rows) == 500 and rows["provisional"].tolist() == [False] * 491 + [True] * 9
         expected = aci_scores(AciState(ALPHA), calibration, rows["score"].to_numpy())
         np.testing.assert_array_equal(rows["threshold"], expected.thresholds)
         np.testing.assert_array_equal(rows["is_anomaly"], expected.is_anomaly)
     state = _table(url, adaptive_state, "entity", "last_ts", "state")
-    assert [json.loads(s)["n_scored"] for s in state["state"]] == [500, 500]
+    assert [json.loads(s)["n_scored"] for s in state["state"]] == [491, 491]  # final rows only
     assert scores["threshold"].nunique() > 1
 
     backfill_flow(source="smd")

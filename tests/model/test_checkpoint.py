@@ -66,3 +66,22 @@ def test_a_file_of_another_format_is_refused(tmp_path: Path) -> None:
     expected = "format None, expected 'anomaly-transformer-checkpoint/1'"
     with pytest.raises(ValueError, match=expected):
         load_checkpoint(path)
+
+
+def test_sensor_normalised_scores_divide_each_sensor_by_its_entity_scale(
+    tiny_cfg: ModelConfig, tmp_path: Path
+) -> None:
+    model = _trained_like_model(tiny_cfg)
+    values = np.random.default_rng(1).normal(size=(50, 3)).astype(np.float32)
+    scales = {"pump-1": [0.5, 2.0, 4.0]}
+    extras = {"scoring_method": "recon_mean_norm", "sensor_scales": scales}
+    save_checkpoint(tmp_path / "model.ckpt", model, tiny_cfg, extras)
+    checkpoint = load_checkpoint(tmp_path / "model.ckpt")
+    assert checkpoint.provisional_points == tiny_cfg.win_size - 1
+    plain = score_series(model, values, "recon_mean", skip=5)
+    result = checkpoint.score(values, entity="pump-1", skip=5)
+    expected = plain.contributions / np.array(scales["pump-1"])
+    np.testing.assert_allclose(result.contributions, expected, rtol=1e-6)
+    np.testing.assert_allclose(result.scores, expected.sum(axis=1), rtol=1e-5)
+    with pytest.raises(ValueError, match="needs sensor_scales for entity 'pump-2'"):
+        checkpoint.score(values, entity="pump-2")

@@ -9,7 +9,7 @@ import torch
 from model.config import ModelConfig
 from model.losses import association_discrepancy
 from model.network import AnomalyTransformer
-from model.scoring import METHODS, score_series
+from model.scoring import METHODS, provisional_points, score_series
 
 
 @pytest.fixture
@@ -88,6 +88,22 @@ def test_streaming_scores_do_not_depend_on_later_points(
     short = score_series(model, values[:40], method).scores
     longer = score_series(model, values, method).scores
     np.testing.assert_allclose(short, longer[:40], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_scores_before_the_provisional_tail_are_final(
+    model: AnomalyTransformer, values: np.ndarray, method: str
+) -> None:
+    """Points with ``provisional_points`` rows after them keep their score when rows arrive."""
+    win = model.cfg.win_size
+    lag = provisional_points(method, win)
+    assert lag == (win - 1 if method in ("recon_mean", "reference") else 0)
+    longer = score_series(model, values, method).scores
+    for end in (win, 33, 48):
+        short = score_series(model, values[:end], method).scores
+        if method == "reference":  # the grid's last full window: final only on the grid
+            end = end // win * win
+        np.testing.assert_allclose(short[: end - lag], longer[: end - lag], rtol=1e-5, atol=1e-8)
 
 
 def test_reference_weights_of_a_full_window_sum_to_one(model: AnomalyTransformer) -> None:

@@ -51,7 +51,7 @@ def readings(seed: int, rows: int = 40) -> pd.DataFrame:
     return pd.DataFrame(values.astype(np.float32), columns=SENSORS)
 
 
-def make_checkpoint(path: Path, seed: int) -> Path:
+def make_checkpoint(path: Path, seed: int, scoring_method: str = "recon_last") -> Path:
     torch.manual_seed(seed)
     scalers = {e: Scaler.fit(readings(i).to_numpy()).to_dict() for i, e in enumerate(["e1", "e2"])}
     extras = {
@@ -60,7 +60,7 @@ def make_checkpoint(path: Path, seed: int) -> Path:
         "code_version": "test",
         "sensors": SENSORS,
         "scalers": scalers,
-        "scoring_method": "recon_last",
+        "scoring_method": scoring_method,
         "threshold": 0.5,
         "calibration_scores": [0.1, 0.2, 0.3],
     }
@@ -199,14 +199,29 @@ def test_pyfunc_loads_by_alias_and_predicts_float32_readings(
     out = pyfunc.predict(frame, params={"entity": "e2"})
     original = load_checkpoint(tmp_path / "model-1.ckpt")
     want = score_series(original.model, scaled(frame, original.extras, "e2"), "recon_last")
-    assert list(out.columns) == ["score"] + [f"contribution_{s}" for s in SENSORS]
+    contribution_columns = [f"contribution_{s}" for s in SENSORS]
+    assert list(out.columns) == ["score", *contribution_columns, "provisional"]
     np.testing.assert_array_equal(out["score"].to_numpy(), want.scores)
-    np.testing.assert_array_equal(out.iloc[:, 1:].to_numpy(), want.contributions)
+    np.testing.assert_array_equal(out[contribution_columns].to_numpy(), want.contributions)
+    assert not out["provisional"].any()  # recon_last: every score is final
     assert pyfunc.metadata.metadata["code_version"] == "test"
     with pytest.raises(ValueError, match="params\\['entity'\\]=''"):
         pyfunc.predict(frame)
     with pytest.raises(MlflowException, match="float64"):
         pyfunc.predict(frame.astype(np.float64), params={"entity": "e2"})
+
+
+def test_pyfunc_flags_the_rows_later_rows_still_change(tmp_path: Path) -> None:
+    from tasks.pyfunc_model import AnomalyTransformerPyfunc
+
+    pyfunc = AnomalyTransformerPyfunc()
+    pyfunc.checkpoint = load_checkpoint(make_checkpoint(tmp_path / "m.ckpt", 0, "recon_mean"))
+    frame = readings(3)
+    out = pyfunc.predict(None, frame, params={"entity": "e2"})  # type: ignore[arg-type]
+    win = CFG.win_size
+    assert out["provisional"].tolist() == [False] * (len(frame) - win + 1) + [True] * (win - 1)
+    want = score_series(pyfunc.checkpoint.model, scaled(frame, pyfunc.checkpoint.extras, "e2"))
+    assert not np.allclose(out["score"], want.scores)  # recon_mean, not recon_last
 
 
 def test_a_baseline_registers_loads_and_serves_the_pyfunc_like_the_transformer(
@@ -250,7 +265,8 @@ def test_a_baseline_registers_loads_and_serves_the_pyfunc_like_the_transformer(
         frame, params={"entity": "e2"}
     )
     np.testing.assert_array_equal(out["score"], want_scores.astype(np.float32))
-    np.testing.assert_array_equal(out.iloc[:, 1:], want_contributions.astype(np.float32))
+    np.testing.assert_array_equal(out.iloc[:, 1:-1], want_contributions.astype(np.float32))
+    assert not out["provisional"].any()
     e1 = loaded.checkpoint.score(scaled(frame, extras, "e1"), entity="e1").scores
     assert not np.allclose(e1, out["score"])  # each entity has its own detector
 

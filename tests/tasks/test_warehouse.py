@@ -18,6 +18,7 @@ from tasks.errors import DataContractError
 from tasks.scores_store import (
     Watermark,
     anomaly_scores,
+    first_provisional,
     get_watermark,
     scoring_watermarks,
     write_scores,
@@ -210,6 +211,14 @@ def test_read_readings_filters_sorts_and_adds_context(engine: sa.Engine) -> None
     assert len(read_readings(engine, SMD, entity="a", start="2024-01-01T00:15:00+00:00")) == 5
     with pytest.raises(ValueError, match="limit_before needs"):
         read_readings(engine, SMD, after=at, limit_before=4)
+    end = at + pd.Timedelta(minutes=3)
+    ahead = read_readings(engine, SMD, entity="a", start=at, end=end, limit_before=2, limit_after=4)
+    assert ahead["ts"].tolist() == list(minutes(8, 16))
+    assert read_readings(engine, SMD, entity="a", end=end, limit_after=99)["ts"].tolist() == list(
+        minutes(0, 19)
+    )
+    with pytest.raises(ValueError, match="limit_after needs"):
+        read_readings(engine, SMD, entity="a", limit_after=4)
 
 
 def test_empty_read_keeps_the_dtypes(engine: sa.Engine) -> None:
@@ -255,6 +264,28 @@ def test_scores_are_replaced_and_the_watermark_never_moves_back(engine: sa.Engin
             move_watermark=False,
         )
         assert get_watermark(conn, "smd", "machine-1", "at") == mark(second[-1], "2")
+
+
+def test_provisional_scores_are_replaced_but_never_replace_final_ones(engine: sa.Engine) -> None:
+    first, second = minutes(0, 9), minutes(5, 14)
+    with engine.begin() as conn:  # rows 5..9 provisional, as recon_mean leaves a series' end
+        provisional = scores(first).assign(provisional=[False] * 5 + [True] * 5)
+        write_scores(conn, "smd", provisional, mark(first[-1]))
+        assert first_provisional(conn, "smd", "machine-1", "at") == first[5]
+    with engine.begin() as conn:  # the next run makes them final and adds its own provisional tail
+        later = scores(second, 2.0).assign(provisional=[False] * 8 + [True] * 2)
+        write_scores(conn, "smd", later, mark(second[-1]))
+        assert first_provisional(conn, "smd", "machine-1", "at") == second[8]
+    with engine.begin() as conn:  # a slower concurrent run with older rows changes no final row
+        write_scores(conn, "smd", scores(first, 3.0).assign(provisional=True), mark(first[-1]))
+    with engine.connect() as conn:
+        stored = conn.execute(
+            sa.select(anomaly_scores.c.score, anomaly_scores.c.provisional).order_by(
+                anomaly_scores.c.ts
+            )
+        ).all()
+    assert [row.score for row in stored] == [1.0] * 5 + [2.0] * 10
+    assert [row.provisional for row in stored] == [False] * 13 + [True] * 2
 
 
 def test_a_failure_inside_the_transaction_leaves_scores_and_watermark_untouched(
