@@ -18,7 +18,11 @@ and numpy only. From the repository root::
 
     PYTHONUNBUFFERED=1 python3 -m bench.at_smd PATH/ServerMachineDataset --seeds 0 1 2 --out DIR
 
-``--quick`` trains a tiny model for a few steps (a CPU smoke test).
+``--scope global`` trains one model on every entity's fit part (each z-scored with its own
+statistics), as the product's training flow does, instead of one model per entity. ``--npz DIR``
+reads entities from ``bench/export_arrays.py`` output (``<entity>.npz`` with ``train``, ``test``,
+``labels``) instead of the SMD layout. ``--quick`` trains a tiny model for a few steps (a CPU
+smoke test).
 """
 
 from __future__ import annotations
@@ -74,52 +78,124 @@ def metrics(scores: np.ndarray, tail: slice, test: slice, labels: np.ndarray) ->
     }
 
 
-def train_and_score(
-    rows: np.ndarray, n_fit: int, n_train: int, seed: int, args: argparse.Namespace
-) -> tuple[dict[str, np.ndarray], float, int]:
-    """Fit one model; the variants' scores for rows ``n_fit ..``, seconds, epochs run."""
-    model_kw = QUICK_MODEL if args.quick else {}
-    cfg = ModelConfig(n_channels=rows.shape[1], **model_kw)
+Entity = tuple[np.ndarray, np.ndarray, np.ndarray]  # train, test, test labels
+
+
+def load_entities(args: argparse.Namespace) -> dict[str, Entity]:
+    """The entities to run, from the SMD layout or an ``--npz`` folder, shortened by ``--quick``."""
+    if args.npz:
+        paths = sorted(args.npz.glob("*.npz"))
+        wanted = set(args.machines or [p.stem for p in paths])
+        found = {}
+        for path in paths:
+            if path.stem in wanted:
+                with np.load(path) as arrays:
+                    found[path.stem] = (arrays["train"], arrays["test"], arrays["labels"])
+    else:
+        names = args.machines or machines(args.root)
+        found = {name: load_machine(args.root, name) for name in names}
+    if args.quick:  # a short stretch of test around each entity's first anomaly
+        for name, (train, test, labels) in found.items():
+            first = max(int(np.argmax(labels)) - 200, 0)
+            found[name] = train[:600], test[first : first + 400], labels[first : first + 400]
+    return found
+
+
+class Prepared:
+    """One entity z-scored with its fit part's statistics: rows = train then test."""
+
+    def __init__(self, entity: Entity) -> None:
+        train, test, self.labels = entity
+        self.n_fit, self.n_train = int(FIT_SHARE * len(train)), len(train)
+        self.rows = Scaler.fit(train[: self.n_fit]).transform(np.concatenate([train, test]))
+        self.tail = slice(0, self.n_train - self.n_fit)  # in the scored rows (tail + test)
+        self.test = slice(self.n_train - self.n_fit, None)
+
+
+def fit_model(parts: list[Prepared], seed: int, args: argparse.Namespace) -> tuple[Any, int]:
+    """One model fit on the parts' fit rows, early-stopped on their tails; epochs run."""
+    model_kw = QUICK_MODEL if args.quick else {"win_size": args.win}
+    cfg = ModelConfig(n_channels=parts[0].rows.shape[1], **model_kw)
     train_cfg = TrainConfig(
         seed=seed,
         device=args.device,
         precision=args.precision,
         compile=args.compile,
+        max_epochs=args.epochs,
+        stride=args.stride,
         max_steps=20 if args.quick else None,
         progress=False,
     )
-    started = time.perf_counter()
-    result = fit(cfg, train_cfg, [rows[:n_fit]], [rows[n_fit:n_train]])
-    scored = rows[n_fit - (cfg.win_size - 1) :]  # the tail and test, with one window of context
-    last = _errors(result.model, scored, "recon_last", cfg.win_size)
-    mean = _errors(result.model, scored, "recon_mean", cfg.win_size)
-    tail = slice(0, n_train - n_fit)
-    seconds = time.perf_counter() - started
-    return variant_scores(last, mean, tail), seconds, len(result.history.epochs)
+    fits = [p.rows[: p.n_fit] for p in parts]
+    tails = [p.rows[p.n_fit : p.n_train] for p in parts]
+    result = fit(cfg, train_cfg, fits, tails)
+    return result.model, len(result.history.epochs)
 
 
-def run_machine(root: Path, name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    train, test, labels = load_machine(root, name)
-    if args.quick:  # a short stretch of test around its first anomaly
-        first = max(int(np.argmax(labels)) - 200, 0)
-        train, test, labels = train[:600], test[first : first + 400], labels[first : first + 400]
-    n_fit = int(FIT_SHARE * len(train))
-    rows = Scaler.fit(train[:n_fit]).transform(np.concatenate([train, test]))
-    tail, test_part = slice(0, len(train) - n_fit), slice(len(train) - n_fit, None)
-    out, per_seed = [], []
-    for seed in args.seeds:
-        scores, seconds, epochs = train_and_score(rows, n_fit, len(train), seed, args)
-        per_seed.append(scores)
+def score_variants(model: Any, part: Prepared) -> dict[str, np.ndarray]:
+    """The variants' scores for the tail and test rows of one entity."""
+    win = model.cfg.win_size
+    scored = part.rows[part.n_fit - (win - 1) :]  # the tail and test, with one window of context
+    last = _errors(model, scored, "recon_last", win)
+    mean = _errors(model, scored, "recon_mean", win)
+    return variant_scores(last, mean, part.tail)
+
+
+def entity_rows(
+    name: str, part: Prepared, per_seed: dict[int, dict[str, np.ndarray]], extra: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Metrics per variant and seed, and of the seed ensembles, for one entity."""
+    out = []
+    for seed, scores in per_seed.items():
         for variant, values in scores.items():
-            row = metrics(values, tail, test_part, labels)
-            out.append({"machine": name, "variant": variant, "seed": seed, **row})
-            out[-1] |= {"seconds": seconds, "epochs": epochs}
+            row = metrics(values, part.tail, part.test, part.labels)
+            out.append({"machine": name, "variant": variant, "seed": seed, **row, **extra})
     if len(per_seed) > 1:
         for variant in VARIANTS:
-            normed = [s[variant] / np.median(s[variant][tail]) for s in per_seed]
-            row = metrics(np.mean(normed, axis=0), tail, test_part, labels)
-            out.append({"machine": name, "variant": f"{variant}_ens", "seed": -1, **row})
+            normed = [s[variant] / np.median(s[variant][part.tail]) for s in per_seed.values()]
+            row = metrics(np.mean(normed, axis=0), part.tail, part.test, part.labels)
+            out.append({"machine": name, "variant": f"{variant}_ens", "seed": -1, **row, **extra})
     return out
+
+
+def run_entity(name: str, part: Prepared, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per-entity scope: one model per entity and seed."""
+    per_seed, seconds, epochs = {}, 0.0, 0
+    for seed in args.seeds:
+        started = time.perf_counter()
+        model, epochs = fit_model([part], seed, args)
+        per_seed[seed] = score_variants(model, part)
+        seconds = time.perf_counter() - started
+    return entity_rows(name, part, per_seed, _extra(args, seconds, epochs))
+
+
+def run_global(parts: dict[str, Prepared], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Global scope: one model per seed for every entity, each entity scored on its own."""
+    per_entity: dict[str, dict[int, dict[str, np.ndarray]]] = {name: {} for name in parts}
+    seconds, epochs = 0.0, 0
+    for seed in args.seeds:
+        started = time.perf_counter()
+        model, epochs = fit_model(list(parts.values()), seed, args)
+        for name, part in parts.items():
+            per_entity[name][seed] = score_variants(model, part)
+        seconds = time.perf_counter() - started
+        print(f"global seed {seed}: {seconds:.0f} s, {epochs} epochs", flush=True)
+    extra = _extra(args, seconds / len(parts), epochs)
+    return [
+        row
+        for name, part in parts.items()
+        for row in entity_rows(name, part, per_entity[name], extra)
+    ]
+
+
+def _extra(args: argparse.Namespace, seconds: float, epochs: int) -> dict[str, Any]:
+    return {
+        "scope": args.scope,
+        "win": args.win,
+        "max_epochs": args.epochs,
+        "seconds": seconds,
+        "epochs": epochs,
+    }
 
 
 def _append_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -155,21 +231,42 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path, help="ServerMachineDataset folder")
-    parser.add_argument("--machines", nargs="*", help="default: every machine with labels")
+    parser.add_argument("root", type=Path, nargs="?", help="ServerMachineDataset folder")
+    parser.add_argument("--npz", type=Path, help="folder of <entity>.npz instead of root")
+    parser.add_argument("--machines", nargs="*", help="default: every entity with labels")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--scope", choices=["entity", "global"], default="entity")
+    parser.add_argument("--epochs", type=int, default=10, help="most epochs (early stopping)")
+    parser.add_argument("--stride", type=int, default=1, help="training window stride")
+    parser.add_argument("--win", type=int, default=100, help="window length")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps (smoke test)")
-    parser.add_argument("--out", type=Path, help="folder for at_smd.csv (appended per machine)")
+    parser.add_argument("--out", type=Path, help="folder for at_smd.csv (appended per entity)")
     args = parser.parse_args()
+    if (args.root is None) == (args.npz is None):
+        parser.error("give either root or --npz")
+    win = QUICK_MODEL["win_size"] if args.quick else args.win
+    parts = {}
+    for name, entity in load_entities(args).items():
+        part = Prepared(entity)
+        if part.n_fit < 2 * win or part.n_train - part.n_fit < win or not part.labels.any():
+            print(f"{name}: skipped (fit part or tail shorter than the window, or no anomaly)")
+        else:
+            parts[name] = part
+    if not parts:
+        parser.error("no entity to run")
     rows = []
-    for name in args.machines or machines(args.root):
+    if args.scope == "global":
+        rows = run_global(parts, args)
+        if args.out:
+            _append_csv(args.out / "at_smd.csv", rows)
+    for name, part in parts.items() if args.scope == "entity" else ():
         started = time.perf_counter()
-        found = run_machine(args.root, name, args)
+        found = run_entity(name, part, args)
         rows += found
-        if args.out:  # after each machine, so that a run cut short keeps what it measured
+        if args.out:  # after each entity, so that a run cut short keeps what it measured
             _append_csv(args.out / "at_smd.csv", found)
         best = max(found, key=lambda r: r["vus_pr"])
         print(
