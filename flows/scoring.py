@@ -2,11 +2,11 @@
 
 from datetime import datetime
 
-from prefect import flow, unmapped
+from prefect import flow
 from prefect.runtime import flow_run
 
 from data_contracts import load_contract
-from tasks.partitions import TaskRunnerKind, gather_partitions, partition_runner, split_entities
+from tasks.partitions import TaskRunnerKind, map_partitions, split_entities
 from tasks.registry import load_model_version_task
 from tasks.scoring import (
     EntityResult,
@@ -44,20 +44,18 @@ def scoring_flow(
     options = ScoringOptions(threshold_mode, event_gap, event_min_length)
     loaded = load_model_version_task(settings.model_name, alias)
     groups = split_entities(list_entities_task(settings.warehouse_url, contract), partitions)
-    with partition_runner(task_runner, len(groups), settings.dask_address) as runner:
-        futures = runner.map(
-            score_new_rows_task,
-            {
-                "warehouse_url": unmapped(settings.warehouse_url),
-                "contract": unmapped(contract),
-                "loaded": unmapped(loaded),
-                "entities": groups,
-                "run_id": unmapped(str(flow_run.id)),
-                "chunk_rows": unmapped(chunk_rows),
-                "options": unmapped(options),
-            },
-        )
-        return gather_partitions(futures)
+    return map_partitions(
+        score_new_rows_task,
+        groups,
+        task_runner,
+        settings.dask_address,
+        warehouse_url=settings.warehouse_url,
+        contract=contract,
+        loaded=loaded,
+        run_id=str(flow_run.id),
+        chunk_rows=chunk_rows,
+        options=options,
+    )
 
 
 @flow(name="backfill", log_prints=True)
@@ -83,19 +81,17 @@ def backfill_flow(
     options = ScoringOptions(event_gap=event_gap, event_min_length=event_min_length)
     loaded = load_model_version_task(settings.model_name, alias)
     groups = split_entities(list_entities_task(settings.warehouse_url, contract), partitions)
-    with partition_runner(task_runner, len(groups), settings.dask_address) as runner:
-        futures = runner.map(
-            backfill_range_task,
-            {
-                "warehouse_url": unmapped(settings.warehouse_url),
-                "contract": unmapped(contract),
-                "loaded": unmapped(loaded),
-                "entities": groups,
-                "start": unmapped(start),
-                "end": unmapped(end),
-                "run_id": unmapped(str(flow_run.id)),
-                "chunk_rows": unmapped(chunk_rows),
-                "options": unmapped(options),
-            },
-        )
-        return gather_partitions(futures)
+    return map_partitions(
+        backfill_range_task,
+        groups,
+        task_runner,
+        settings.dask_address,
+        warehouse_url=settings.warehouse_url,
+        contract=contract,
+        loaded=loaded,
+        start=start,
+        end=end,
+        run_id=str(flow_run.id),
+        chunk_rows=chunk_rows,
+        options=options,
+    )

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any, Literal
 
+from prefect import Task, unmapped
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
@@ -90,3 +91,17 @@ def merge_partitions(outcomes: Sequence[list[EntityResult] | BaseException]) -> 
 def gather_partitions(futures: Sequence[PrefectFuture[list[EntityResult]]]) -> list[EntityResult]:
     """Wait for every partition, then :func:`merge_partitions` what they returned or raised."""
     return merge_partitions([future.result(raise_on_failure=False) for future in futures])
+
+
+def map_partitions(
+    scoring_task: Task[..., list[EntityResult]],
+    groups: list[list[str]],
+    kind: TaskRunnerKind,
+    dask_address: str | None,
+    **shared: Any,
+) -> list[EntityResult]:
+    """Run ``scoring_task`` once per group (its ``entities``) on a :func:`partition_runner`, the
+    ``shared`` arguments the same for every group; :func:`gather_partitions` of the runs."""
+    with partition_runner(kind, len(groups), dask_address) as runner:
+        arguments = {"entities": groups} | {name: unmapped(v) for name, v in shared.items()}
+        return gather_partitions(runner.map(scoring_task, arguments))
