@@ -10,7 +10,7 @@ import pandas as pd
 from data_contracts import load_contract
 from model.adaptive import AciState, aci_scores
 from model.drift import TrainingProfile
-from tasks.adaptive_threshold import apply_adaptive
+from tasks.adaptive_threshold import apply_adaptive, load_state
 from tasks.drift_monitor import NO_PROFILE, check_batch, latest_drift, record_drift
 from tasks.scores_store import Watermark
 from tasks.warehouse import ensure_schema, get_engine
@@ -83,10 +83,17 @@ def test_latest_drift_is_the_newest_batch_per_entity(warehouse_url: str) -> None
     assert states[0].batch_end == datetime(2024, 1, 3) and states[0].drifted_sensors
 
 
-def _rows(start: int, n: int, scores: np.ndarray) -> pd.DataFrame:
+def _rows(start: int, n: int, scores: np.ndarray, provisional: int = 0) -> pd.DataFrame:
+    """Score rows ``start .. start + n - 1``, the last ``provisional`` of them provisional."""
     ts = pd.Timestamp("2024-01-01") + pd.to_timedelta(np.arange(start, start + n), unit="min")
     return pd.DataFrame(
-        {"ts": ts, "score": scores[start : start + n], "threshold": 0.0, "is_anomaly": False}
+        {
+            "ts": ts,
+            "score": scores[start : start + n],
+            "threshold": 0.0,
+            "is_anomaly": False,
+            "provisional": np.arange(n) >= n - provisional,
+        }
     )
 
 
@@ -118,3 +125,20 @@ def test_adaptive_state_advances_once_per_point(warehouse_url: str) -> None:
     np.testing.assert_array_equal(
         fresh["threshold"], aci_scores(AciState(0.01, 0.01), CALIBRATION, scores[:10]).thresholds
     )
+
+
+def test_provisional_rows_are_flagged_without_advancing_the_state(warehouse_url: str) -> None:
+    engine = get_engine(warehouse_url)
+    ensure_schema(engine, SMD)
+    scores = RNG.normal(size=100) + np.repeat([0.0, 2.0], 50)
+    mark = _mark("e1", "2024-01-02")
+    with engine.begin() as conn:  # rows 50..59 provisional: flagged now, advanced when final
+        first = apply_adaptive(conn, "smd", mark, _rows(0, 60, scores, 10), _extras(), gamma=0.01)
+    with engine.begin() as conn:
+        second = apply_adaptive(conn, "smd", mark, _rows(50, 50, scores, 5), _extras(), gamma=0.01)
+        state, last_ts = load_state(conn, "smd", mark, 0.01, 0.01)
+    expected = aci_scores(AciState(0.01, 0.01), CALIBRATION, scores).thresholds
+    assert list(second["ts"]) == list(_rows(50, 50, scores)["ts"])  # re-flagged once final
+    np.testing.assert_array_equal(first["threshold"], expected[:60])
+    np.testing.assert_array_equal(second["threshold"], expected[50:])
+    assert state.n_scored == 95 and last_ts == second["ts"].iloc[44]
