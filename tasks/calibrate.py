@@ -74,11 +74,9 @@ def validation_scores(checkpoint: ScoringModel, dataset: DatasetRef) -> dict[str
     context_rows = checkpoint.model_cfg.win_size - 1
     scores = {}
     for entity in dataset.entities:
-        fit_part, val_part = dataset.load(entity)
-        if len(val_part) > 0:
-            context = fit_part[len(fit_part) - context_rows :]
-            values = np.concatenate([context, val_part])
-            scores[entity] = _score(checkpoint, entity, values, len(context))
+        values, skip = dataset.tail_with_context(entity, context_rows)
+        if len(values) > skip:
+            scores[entity] = _score(checkpoint, entity, values, skip)
     if not scores:
         raise DataContractError(
             f"{dataset.source}: no validation tail to calibrate on; use a val_fraction > 0"

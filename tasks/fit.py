@@ -56,13 +56,10 @@ def sensor_scales(
     base, context_rows = SENSOR_NORMALISED[method], model.cfg.win_size - 1
     scales = {}
     for entity in dataset.entities:
-        fit_part, val_part = dataset.load(entity)
-        if len(val_part):
-            context = fit_part[max(0, len(fit_part) - context_rows) :]
-            values = np.concatenate([context, val_part])
-        else:
-            context, values = fit_part[:0], fit_part
-        errors = score_series(model, values, base, skip=len(context)).contributions
+        values, skip = dataset.tail_with_context(entity, context_rows)
+        if len(values) == skip:  # no tail
+            values = dataset.load(entity)[0]
+        errors = score_series(model, values, base, skip=skip).contributions
         scales[entity] = sensor_error_scales(errors).tolist()
     return scales
 

@@ -67,6 +67,15 @@ class DatasetRef:
         is_val = frame["part"].to_numpy() == "val"
         return values[~is_val], values[is_val]
 
+    def tail_with_context(self, entity: str, context_rows: int) -> tuple[np.ndarray, int]:
+        """The entity's validation tail led by up to ``context_rows`` rows of its fit part, and
+        how many rows of context lead it (empty when the entity has no tail)."""
+        fit_part, val_part = self.load(entity)
+        if not len(val_part):
+            return val_part, 0
+        context = fit_part[max(0, len(fit_part) - context_rows) :]
+        return np.concatenate([context, val_part]), len(context)
+
 
 def training_range(
     frame: pd.DataFrame, contract: Contract, train_end: datetime | None
