@@ -9,7 +9,12 @@ keeping the per-sensor errors, and derive the variants:
 * ``last``/``mean``: the sum over sensors (the product's scores);
 * ``last_norm``/``mean_norm``: each sensor's error divided by that sensor's mean error on the
   validation tail, then summed (no sensor dominates by its own noise level);
-* ``last_norm_max``: the largest normalised sensor error;
+* ``last_norm_max``/``mean_norm_max``: the largest normalised sensor error;
+* ``mean_znorm``: each sensor's error minus its tail mean, over its tail standard deviation,
+  negative parts dropped, summed;
+* ``mean_norm_sqrt``: the sum of the square roots of the normalised errors (absolute rather than
+  squared residuals: one sensor's burst weighs less against many sensors' shifts);
+* ``mean_norm_ma10``: ``mean_norm`` averaged over the 10 points ending at the point;
 * ``*_ens``: the mean over seeds of a variant, each seed's score divided by its median on the tail.
 
 Test labels only score. Metrics: VUS-PR, AUC-PR, AUROC on ``test``; the false-alarm rate on
@@ -46,7 +51,17 @@ from model.thresholds import conformal_threshold
 from model.train import fit
 
 QUICK_MODEL = {"win_size": 20, "d_model": 16, "n_heads": 2, "e_layers": 1, "d_ff": 16}
-VARIANTS = ("last", "mean", "last_norm", "mean_norm", "last_norm_max")
+VARIANTS = (
+    "last",
+    "mean",
+    "last_norm",
+    "mean_norm",
+    "last_norm_max",
+    "mean_norm_max",
+    "mean_znorm",
+    "mean_norm_sqrt",
+    "mean_norm_ma10",
+)
 
 
 def _errors(model: torch.nn.Module, rows: np.ndarray, method: str, win: int) -> np.ndarray:
@@ -54,16 +69,30 @@ def _errors(model: torch.nn.Module, rows: np.ndarray, method: str, win: int) -> 
     return score_series(model, rows, method).contributions.astype(np.float64)[win - 1 :]
 
 
+def trailing_mean(values: np.ndarray, width: int) -> np.ndarray:
+    """Mean of the ``width`` values ending at each point (fewer at the start)."""
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - width, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
 def variant_scores(last: np.ndarray, mean: np.ndarray, tail: slice) -> dict[str, np.ndarray]:
     """Each variant's score per point from the per-sensor errors; ``tail`` indexes the val tail."""
     scale_last = last[tail].mean(axis=0) + 1e-12
     scale_mean = mean[tail].mean(axis=0) + 1e-12
+    mean_normed = mean / scale_mean
+    spread = mean[tail].std(axis=0) + 1e-12
     return {
         "last": last.sum(axis=1),
         "mean": mean.sum(axis=1),
         "last_norm": (last / scale_last).sum(axis=1),
-        "mean_norm": (mean / scale_mean).sum(axis=1),
+        "mean_norm": mean_normed.sum(axis=1),
         "last_norm_max": (last / scale_last).max(axis=1),
+        "mean_norm_max": mean_normed.max(axis=1),
+        "mean_znorm": np.clip((mean - mean[tail].mean(axis=0)) / spread, 0, None).sum(axis=1),
+        "mean_norm_sqrt": np.sqrt(mean_normed).sum(axis=1),
+        "mean_norm_ma10": trailing_mean(mean_normed.sum(axis=1), 10),
     }
 
 
@@ -114,9 +143,13 @@ class Prepared:
 
 def fit_model(parts: list[Prepared], seed: int, args: argparse.Namespace) -> tuple[Any, int]:
     """One model fit on the parts' fit rows, early-stopped on their tails; epochs run."""
-    model_kw = QUICK_MODEL if args.quick else {"win_size": args.win}
-    cfg = ModelConfig(n_channels=parts[0].rows.shape[1], **model_kw)
+    model_kw: dict[str, Any] = dict(QUICK_MODEL) if args.quick else {"win_size": args.win}
+    if args.d_model and not args.quick:
+        model_kw.update(d_model=args.d_model, d_ff=args.d_model)
+    cfg = ModelConfig(n_channels=parts[0].rows.shape[1], dropout=args.dropout, k=args.k, **model_kw)
     train_cfg = TrainConfig(
+        lr=args.lr,
+        lr_halving=not args.constant_lr,
         seed=seed,
         device=args.device,
         precision=args.precision,
@@ -190,11 +223,13 @@ def run_global(parts: dict[str, Prepared], args: argparse.Namespace) -> list[dic
 
 def _extra(args: argparse.Namespace, seconds: float, epochs: int) -> dict[str, Any]:
     return {
+        "tag": args.tag,
         "scope": args.scope,
         "win": args.win,
         "max_epochs": args.epochs,
         "seconds": seconds,
         "epochs": epochs,
+        "stride": args.stride,
     }
 
 
@@ -239,6 +274,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="most epochs (early stopping)")
     parser.add_argument("--stride", type=int, default=1, help="training window stride")
     parser.add_argument("--win", type=int, default=100, help="window length")
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="Adam learning rate")
+    parser.add_argument("--constant-lr", action="store_true", help="no halving after epoch 2")
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--d-model", type=int, help="d_model and d_ff (default: the reference's)")
+    parser.add_argument("--k", type=float, default=ModelConfig.k, help="minimax weight")
+    parser.add_argument("--tag", default="default", help="label of this configuration in the csv")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
