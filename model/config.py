@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 Precision = Literal["fp32", "bf16"]
 MinimaxMode = Literal["surrogate", "two_backward"]
+AttentionMode = Literal["plain", "fused"]
 
 
 def _require(ok: bool, name: str, value: object, allowed: str) -> None:
@@ -68,6 +69,7 @@ class TrainConfig:
     compile: bool = False
     grad_clip: float | None = None
     minimax: MinimaxMode = "surrogate"
+    attention: AttentionMode = "plain"  # "fused": Triton kernels (model.fused_attention), CUDA
     lr_halving: bool = True
     device: str = "auto"
     progress: bool = True
@@ -94,6 +96,9 @@ class TrainConfig:
             "minimax",
             self.minimax,
             "'surrogate' or 'two_backward'",
+        )
+        _require(
+            self.attention in ("plain", "fused"), "attention", self.attention, "'plain' or 'fused'"
         )
         _require(
             not (self.compile and self.minimax == "two_backward"),

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from model.network import ModelOutput, at_least_float32
+from model.network import DiscrepancyOutput, ModelOutput, at_least_float32
 
 KL_EPS = 1e-4
 
@@ -50,6 +50,15 @@ def association_discrepancy(series: list[torch.Tensor], prior: list[torch.Tensor
     return torch.stack(per_layer).mean(dim=0)  # (B, L)
 
 
+def row_discrepancy(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``association_discrepancy`` from per-layer rows `(batch, heads, L)` of the fused kernels.
+
+    Returns:
+        `(batch, L)`: the mean over heads and layers.
+    """
+    return torch.stack(rows).mean(dim=(0, 2))  # (B, L)
+
+
 def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Mean squared error over every element, computed in at least float32."""
     return F.mse_loss(at_least_float32(recon), at_least_float32(x))
@@ -57,11 +66,29 @@ def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def minimax_losses(out: ModelOutput, x: torch.Tensor, k: float) -> MinimaxLosses:
     """The reference's two phase losses for windows ``x`` of shape `(batch, L, C)`."""
-    rec = reconstruction_loss(out.recon, x)
     fixed_prior = [p.detach() for p in out.prior]
     fixed_series = [s.detach() for s in out.series]
-    series_loss = association_discrepancy(out.series, fixed_prior).mean()
-    prior_loss = association_discrepancy(fixed_series, out.prior).mean()
+    return _phase_losses(
+        reconstruction_loss(out.recon, x),
+        association_discrepancy(out.series, fixed_prior).mean(),
+        association_discrepancy(fixed_series, out.prior).mean(),
+        k,
+    )
+
+
+def fused_minimax_losses(out: DiscrepancyOutput, x: torch.Tensor, k: float) -> MinimaxLosses:
+    """``minimax_losses`` from the fused forward pass (``AnomalyTransformer.discrepancy_rows``)."""
+    return _phase_losses(
+        reconstruction_loss(out.recon, x),
+        row_discrepancy(out.series_side).mean(),
+        row_discrepancy(out.prior_side).mean(),
+        k,
+    )
+
+
+def _phase_losses(
+    rec: torch.Tensor, series_loss: torch.Tensor, prior_loss: torch.Tensor, k: float
+) -> MinimaxLosses:
     return MinimaxLosses(
         loss1=rec - k * series_loss,
         loss2=rec + k * prior_loss,

@@ -39,6 +39,18 @@ class ModelOutput(NamedTuple):
     sigma: list[torch.Tensor]  # each (B, H, L)
 
 
+class DiscrepancyOutput(NamedTuple):
+    """What the fused forward pass returns; the lists hold one tensor per encoder layer.
+
+    Both row lists hold the same values, the symmetric KL between series and prior per head and
+    query; ``series_side`` carries gradient to the series only, ``prior_side`` to sigma only.
+    """
+
+    recon: torch.Tensor  # (B, L, C)
+    series_side: list[torch.Tensor]  # each (B, H, L)
+    prior_side: list[torch.Tensor]  # each (B, H, L)
+
+
 def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     """Upcast half-precision tensors to float32; keep float32 and float64 as they are."""
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
@@ -132,6 +144,24 @@ class AnomalyAttention(nn.Module):
         prior = gaussian / gaussian.sum(dim=-1, keepdim=True)  # (B, H, L, L)
         return self._merge(heads), series, prior, sigma
 
+    def discrepancy_rows(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The attention output and the per-row discrepancies, through the Triton kernels.
+
+        Returns ``(attended, series_side, prior_side)`` (see ``DiscrepancyOutput``).
+
+        Raises:
+            ValueError: attention dropout while training (the kernels have none).
+        """
+        from model.fused_attention import anomaly_attention  # imports Triton
+
+        if self.training and self.dropout_p > 0:
+            raise ValueError(
+                f"invalid dropout={self.dropout_p} for fused attention: expected 0 while training"
+            )
+        q, k, v, raw_sigma = self._heads(h)
+        heads, series_side, prior_side = anomaly_attention(q, k, v, squash_sigma(raw_sigma))
+        return self._merge(heads), series_side, prior_side
+
     def reconstruct(self, h: torch.Tensor) -> torch.Tensor:
         """The attention output alone, through fused attention (no association tensors)."""
         q, k, v, _ = self._heads(h)
@@ -165,6 +195,10 @@ class EncoderLayer(nn.Module):
         attended, series, prior, sigma = self.attention(h)
         return self._feed_forward(h, attended), series, prior, sigma
 
+    def discrepancy_rows(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        attended, series_side, prior_side = self.attention.discrepancy_rows(h)
+        return self._feed_forward(h, attended), series_side, prior_side
+
     def reconstruct(self, h: torch.Tensor) -> torch.Tensor:
         return self._feed_forward(h, self.attention.reconstruct(h))
 
@@ -196,6 +230,20 @@ class AnomalyTransformer(nn.Module):
             sigma.append(layer_sigma)
         recon = self.projection(self.norm(h))  # (B, L, C)
         return ModelOutput(recon, series, prior, sigma)
+
+    def discrepancy_rows(self, x: torch.Tensor, *, check_finite: bool = True) -> DiscrepancyOutput:
+        """``forward(x)`` for training through the fused kernels (``model.fused_attention``):
+        the reconstruction and each layer's discrepancy rows instead of the association tensors.
+        """
+        self.check_input(x, check_finite=check_finite)
+        h = self.embedding(x)  # (B, L, d)
+        series_side, prior_side = [], []
+        for layer in self.layers:
+            h, layer_series_side, layer_prior_side = layer.discrepancy_rows(h)
+            series_side.append(layer_series_side)
+            prior_side.append(layer_prior_side)
+        recon = self.projection(self.norm(h))  # (B, L, C)
+        return DiscrepancyOutput(recon, series_side, prior_side)
 
     def reconstruct(self, x: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
         """``forward(x).recon`` without building the association tensors (fused attention)."""

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from collections.abc import Iterator
 
 import torch
 
 from model.config import ModelConfig, Precision, TrainConfig
-from model.losses import MinimaxLosses, minimax_losses, reconstruction_loss, surrogate_loss
+from model.losses import (
+    MinimaxLosses,
+    fused_minimax_losses,
+    minimax_losses,
+    reconstruction_loss,
+    surrogate_loss,
+)
 from model.network import AnomalyTransformer
 from model.windows import WindowSet
 
@@ -29,6 +36,34 @@ def compile_options(cuda_graphs: bool) -> dict[str, bool]:
     return {"online_softmax": False, "triton.cudagraphs": cuda_graphs}
 
 
+def check_attention(train_cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> None:
+    """Raise ``ValueError`` if ``train_cfg.attention`` cannot run on ``device``.
+
+    ``"fused"`` needs Triton and a CUDA device; on CPU only Triton's interpreter runs the kernels
+    (``TRITON_INTERPRET=1`` set before Triton is imported: for tests).
+    """
+    if train_cfg.attention != "fused":
+        return
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpreted:
+        raise ValueError(
+            f"invalid attention='fused' on device {device}: expected a CUDA device "
+            "(the Triton kernels run on GPUs; use attention='plain')"
+        )
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError(
+            "invalid attention='fused': Triton is not installed (it ships with CUDA builds of "
+            "torch; use attention='plain')"
+        )
+    from model.fused_attention import MAX_WINDOW
+
+    if model_cfg.win_size > MAX_WINDOW:
+        raise ValueError(
+            f"invalid attention='fused' with win_size={model_cfg.win_size}: expected "
+            f"win_size <= {MAX_WINDOW}"
+        )
+
+
 def make_optimizer(model: torch.nn.Module, train_cfg: TrainConfig) -> torch.optim.Adam:
     """Adam with PyTorch's default betas and eps, no weight decay; fused kernels on CUDA."""
     on_cuda = next(model.parameters()).device.type == "cuda"
@@ -40,7 +75,11 @@ class TrainStep:
 
     With ``train_cfg.compile`` the forward pass and the losses are compiled (on CUDA with CUDA
     graphs, as ``mode="reduce-overhead"``); a ``backend`` other than ``"inductor"`` is for checking
-    the compiled path cheaply (e.g. ``"eager"``).
+    the compiled path cheaply (e.g. ``"eager"``). With ``train_cfg.attention="fused"`` the
+    attention, prior and discrepancy rows run in the Triton kernels of ``model.fused_attention``.
+
+    Raises:
+        ValueError: ``attention="fused"`` where it cannot run (``check_attention``).
     """
 
     def __init__(
@@ -56,6 +95,7 @@ class TrainStep:
         self.k = model_cfg.k
         self.train_cfg = train_cfg
         self.device = next(model.parameters()).device
+        check_attention(train_cfg, model_cfg, self.device)
         on_cuda = self.device.type == "cuda"
         self.cuda_graphs = train_cfg.compile and backend == "inductor" and on_cuda
         self.losses = self._eager_losses
@@ -64,6 +104,10 @@ class TrainStep:
             self.losses = torch.compile(self._eager_losses, backend=backend, options=options)
 
     def _eager_losses(self, x: torch.Tensor) -> MinimaxLosses:
+        if self.train_cfg.attention == "fused":
+            with autocast(self.device, self.train_cfg.precision):
+                rows = self.model.discrepancy_rows(x, check_finite=False)
+            return fused_minimax_losses(rows, x, self.k)
         with autocast(self.device, self.train_cfg.precision):
             out = self.model(x, check_finite=False)
         return minimax_losses(out, x, self.k)

@@ -17,6 +17,7 @@ from model.device import resolve_device
 from model.network import AnomalyTransformer
 from model.steps import (
     TrainStep,
+    check_attention,
     deterministic_mode,
     epoch_batches,
     make_optimizer,
@@ -140,7 +141,8 @@ def fit(
     ``on_epoch`` is called with each epoch's record; ``train_cfg.progress`` logs progress lines.
 
     Raises:
-        ValueError: empty ``train_series``, or a series of the wrong shape or with NaN/inf.
+        ValueError: empty ``train_series``, a series of the wrong shape or with NaN/inf, or
+            ``train_cfg.attention="fused"`` where it cannot run (no CUDA device or no Triton).
         RuntimeError: the training loss became NaN/inf.
     """
     if len(train_series) == 0:
@@ -148,6 +150,7 @@ def fit(
     check_series(train_series, model_cfg, "train_series")
     check_series(val_series, model_cfg, "val_series")
     device = resolve_device(train_cfg.device)
+    check_attention(train_cfg, model_cfg, device)
     with deterministic_mode(train_cfg.deterministic):
         torch.manual_seed(train_cfg.seed)
         model = AnomalyTransformer(model_cfg).to(device)

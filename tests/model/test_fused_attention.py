@@ -1,0 +1,135 @@
+"""The fused Triton attention against the plain path, run by Triton's interpreter on CPU."""
+
+from __future__ import annotations
+
+import os
+
+# Before model.fused_attention is imported: its kernels are then built for the interpreter.
+os.environ["TRITON_INTERPRET"] = "1"
+
+from dataclasses import replace  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from model.config import ModelConfig, TrainConfig  # noqa: E402
+from model.fused_attention import anomaly_attention  # noqa: E402
+from model.losses import association_discrepancy, row_discrepancy  # noqa: E402
+from model.network import AnomalyAttention, AnomalyTransformer  # noqa: E402
+from model.steps import TrainStep, make_optimizer  # noqa: E402
+
+FAST = TrainConfig(batch_size=4, device="cpu", progress=False)
+PARTS = ("q", "k", "v", "sigma")
+
+
+def _attention(length: int, head_dim: int, n_heads: int = 2) -> AnomalyAttention:
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_channels=3, win_size=length, d_model=n_heads * head_dim, n_heads=n_heads)
+    return AnomalyAttention(cfg)
+
+
+def _part_grads(attention: AnomalyAttention, h: torch.Tensor, loss: torch.Tensor) -> dict:
+    """Gradients of ``loss`` w.r.t. the q, k, v and sigma rows of ``in_proj``, and the input."""
+    weight_grad, h_grad = torch.autograd.grad(
+        loss, (attention.in_proj.weight, h), retain_graph=True
+    )
+    d = attention.d_model
+    parts = weight_grad.split([d, d, d, attention.n_heads])
+    return {**dict(zip(PARTS, parts, strict=True)), "input": h_grad}
+
+
+@pytest.mark.parametrize(("length", "head_dim"), [(20, 16), (37, 24)])
+def test_fused_values_and_gradients_match_the_plain_attention(length: int, head_dim: int) -> None:
+    """Output, discrepancy rows, and the gradients each term sends to q, k, v and sigma.
+
+    (37, 24): L and E not powers of two, two query-row blocks with padded rows in the second.
+    """
+    attention = _attention(length, head_dim)
+    h = torch.randn(2, length, attention.d_model, requires_grad=True)
+    weights = torch.randn(2, length, attention.d_model)
+    attended, series, prior, _ = attention(h)
+    fused_attended, series_side, prior_side = attention.discrepancy_rows(h)
+    torch.testing.assert_close(fused_attended, attended, rtol=1e-5, atol=1e-6)
+    discrepancy = association_discrepancy([series], [prior])  # (B, L)
+    torch.testing.assert_close(row_discrepancy([series_side]), discrepancy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(series_side, prior_side, rtol=0, atol=0)
+    plain_terms = {
+        "output": (attended * weights).sum(),
+        "series": association_discrepancy([series], [prior.detach()]).mean(),
+        "prior": association_discrepancy([series.detach()], [prior]).mean(),
+    }
+    fused_terms = {
+        "output": (fused_attended * weights).sum(),
+        "series": row_discrepancy([series_side]).mean(),
+        "prior": row_discrepancy([prior_side]).mean(),
+    }
+    for term, plain_loss in plain_terms.items():
+        expected = _part_grads(attention, h, plain_loss)
+        actual = _part_grads(attention, h, fused_terms[term])
+        for name, grad in expected.items():
+            scale = float(grad.abs().max()) or 1.0
+            torch.testing.assert_close(
+                actual[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=f"{term} -> {name}"
+            )
+
+
+def test_each_side_sends_gradient_to_its_own_inputs_only() -> None:
+    q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
+    sigma = torch.rand(1, 2, 20).add(0.1).requires_grad_()
+    _, series_side, prior_side = anomaly_attention(q, k, v, sigma)
+    series_grads = torch.autograd.grad(series_side.sum(), (q, k, v, sigma), retain_graph=True)
+    prior_grads = torch.autograd.grad(prior_side.sum(), (q, k, v, sigma))
+    assert [bool(g.abs().sum() > 0) for g in series_grads] == [True, True, False, False]
+    assert [bool(g.abs().sum() > 0) for g in prior_grads] == [False, False, False, True]
+
+
+def test_a_sharp_prior_stays_finite() -> None:
+    """sigma at its floor (about 1.1e-5): the prior is one-hot, its gradient zero, no NaN."""
+    q, k, v = (torch.randn(1, 1, 16, 16, requires_grad=True) for _ in range(3))
+    sigma = torch.full((1, 1, 16), 1.0986e-5, requires_grad=True)
+    heads, series_side, prior_side = anomaly_attention(q, k, v, sigma)
+    (heads.sum() + series_side.sum() + prior_side.sum()).backward()
+    for t in (heads, series_side, q.grad, k.grad, v.grad, sigma.grad):
+        assert torch.isfinite(t).all()
+
+
+def _step(cfg: ModelConfig, train_cfg: TrainConfig, backend: str = "inductor") -> TrainStep:
+    torch.manual_seed(0)
+    model = AnomalyTransformer(cfg)
+    return TrainStep(model, make_optimizer(model, train_cfg), cfg, train_cfg, backend=backend)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled aot_eager"])
+def test_the_fused_training_step_matches_the_plain_one(
+    tiny_cfg: ModelConfig, windows: torch.Tensor, compiled: bool
+) -> None:
+    """Same batch statistics and gradients; compiled: the custom ops traced by torch.compile."""
+    plain = _step(tiny_cfg, FAST)
+    fused_cfg = replace(FAST, attention="fused", compile=compiled)
+    fused = _step(tiny_cfg, fused_cfg, backend="aot_eager")
+    stats = [step.backward(windows) for step in (plain, fused)]
+    torch.testing.assert_close(stats[1], stats[0], rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(plain.model.named_parameters(), fused.model.parameters(), strict=True):
+        scale = float(a.grad.abs().max()) or 1.0
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_fused_attention_needs_a_gpu_outside_the_interpreter(
+    tiny_cfg: ModelConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="attention='fused' on device cpu"):
+        _step(tiny_cfg, replace(FAST, attention="fused"))
+
+
+def test_fused_attention_rejects_what_the_kernels_do_not_handle(tiny_cfg: ModelConfig) -> None:
+    with pytest.raises(ValueError, match="attention"):
+        TrainConfig(attention="flash")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="win_size=129"):
+        _step(replace(tiny_cfg, win_size=129), replace(FAST, attention="fused"))
+    step = _step(replace(tiny_cfg, dropout=0.1), replace(FAST, attention="fused"))
+    with pytest.raises(ValueError, match="dropout"):
+        step(torch.randn(2, tiny_cfg.win_size, tiny_cfg.n_channels))
+    q = torch.randn(1, 1, 16, 16)
+    with pytest.raises(ValueError, match="sigma"):
+        anomaly_attention(q, q, q, torch.ones(1, 1, 16, dtype=torch.float64))
