@@ -5,13 +5,15 @@ Measures on one device, with SMD-shaped synthetic data (38 channels, 708,405 tra
 
 * training windows/s at batch 256, window 100: the reference-equivalent path (eager, fp32, two
   backward passes) against our fast paths (one backward of the surrogate, bf16 autocast,
-  torch.compile with CUDA graphs), and each gradient's relative L2 distance to the fp32 one;
+  torch.compile with CUDA graphs, then also the fused Triton attention of
+  ``model.fused_attention``), and each gradient's relative L2 distance to the fp32 one;
 * scoring windows/s (``reference`` on non-overlapping windows, ``recon_last`` on stride-1
   windows), with each fast path's relative L2 distance to the fp32 scores and the overlap of the
   top-0.5% flagged points;
 * peak memory, ms per step, and the share of the bf16 floor (performance_anchor.md §2).
 
-Needs torch and numpy only. On the GPU machine, from the repository root::
+Needs torch and numpy (and Triton, which CUDA builds of torch ship, for the fused variant). On the
+GPU machine, from the repository root::
 
     PYTHONUNBUFFERED=1 python3 -m bench.bench_model --out "$OUT" --profile
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -125,8 +128,12 @@ def score_table(rows: list[dict[str, Any]], settings: Settings) -> str:
 
 
 def run_training(
-    settings: Settings, device: torch.device, compile_ok: bool
-) -> tuple[list[dict[str, Any]], TrainStep, WindowSet]:
+    settings: Settings,
+    device: torch.device,
+    compile_ok: bool,
+    profiles: dict[str, Any] | None,
+) -> tuple[list[dict[str, Any]], TrainStep]:
+    """Every training variant; with ``profiles``, the kernel profile of each compiled one."""
     train = smd_like(settings.train_rows, settings.model.n_channels, seed=0)
     windows = WindowSet([train], settings.model.win_size, 1, device, resident=True)
     probe_ids = torch.arange(settings.batch, device=device) * 2_767 % len(windows)
@@ -136,13 +143,19 @@ def run_training(
         if variant.compile and not compile_ok:
             print(f"skipped (compiled variants need CUDA or --cpu-compile): {variant.name}")
             continue
+        if variant.attention == "fused" and device.type != "cuda":
+            print(f"skipped (fused attention needs CUDA): {variant.name}")
+            continue
         row, grads, last_step = bench_train(variant, settings, windows, probe)
         reference_grads = grads if reference_grads is None else reference_grads
         row["grad_rel_l2"] = relative_l2(grads, reference_grads)
         print(f"train | {row['variant']}: {row['windows_per_s']:,.0f} windows/s", flush=True)
         rows.append(row)
+        if variant.compile and profiles is not None:
+            batch_step = partial(last_step, windows.batch(probe_ids))
+            profiles[variant.name] = kernel_profile(batch_step, steps=10)
     assert last_step is not None
-    return rows, last_step, windows
+    return rows, last_step
 
 
 def run_scoring(
@@ -207,15 +220,11 @@ def main() -> None:
     compile_ok = device.type == "cuda" or args.cpu_compile
     env = environment(device)
     print(json.dumps(env), flush=True)
-    train_rows, fast_step, windows = run_training(settings, device, compile_ok)
-    sections = [train_table(train_rows, settings)]
     profiles: dict[str, Any] = {}
     profiling = args.profile and device.type == "cuda"
-    if profiling:
-        ids = torch.arange(settings.batch, device=device)
-        profile = kernel_profile(lambda: fast_step(windows.batch(ids)), steps=10)
-        profiles[train_rows[-1]["variant"]] = profile
     score_profiles = profiles if profiling else None
+    train_rows, fast_step = run_training(settings, device, compile_ok, score_profiles)
+    sections = [train_table(train_rows, settings)]
     score_rows = run_scoring(settings, fast_step.model, device, compile_ok, score_profiles)
     sections += [score_table(score_rows, settings), ANCHORS, verdict(train_rows, score_rows)]
     sections += [profile_markdown(name, summary) for name, summary in profiles.items()]

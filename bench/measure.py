@@ -56,6 +56,7 @@ class TrainVariant:
     precision: str
     compile: bool
     minimax: str
+    attention: str = "plain"
 
 
 TRAIN_VARIANTS = (
@@ -64,6 +65,13 @@ TRAIN_VARIANTS = (
     TrainVariant("bf16 eager, surrogate", "bf16", False, "surrogate"),
     TrainVariant(
         "bf16 compile + CUDA graphs, surrogate (fit's fast path)", "bf16", True, "surrogate"
+    ),
+    TrainVariant(
+        "bf16 compile + CUDA graphs + fused attention, surrogate",
+        "bf16",
+        True,
+        "surrogate",
+        attention="fused",
     ),
 )
 SCORE_VARIANTS = (  # (method, precision, compile); the fp32 eager row of a method is its baseline
@@ -164,6 +172,7 @@ def make_step(variant: TrainVariant, settings: Settings, device: torch.device) -
         precision=variant.precision,  # type: ignore[arg-type]
         compile=variant.compile,
         minimax=variant.minimax,  # type: ignore[arg-type]
+        attention=variant.attention,  # type: ignore[arg-type]
         device=str(device),
         progress=False,
     )
