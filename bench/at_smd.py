@@ -14,7 +14,8 @@ keeping the per-sensor errors, and derive the variants:
   negative parts dropped, summed;
 * ``mean_norm_sqrt``: the sum of the square roots of the normalised errors (absolute rather than
   squared residuals: one sensor's burst weighs less against many sensors' shifts);
-* ``mean_norm_ma10``: ``mean_norm`` averaged over the 10 points ending at the point;
+* ``mean_norm_ma<w>``/``mean_norm_sqrt_ma<w>``: those scores averaged over the ``w`` points
+  ending at the point (``SMOOTHING``);
 * ``*_ens``: the mean over seeds of a variant, each seed's score divided by its median on the tail.
 
 Test labels only score. Metrics: VUS-PR, AUC-PR, AUROC on ``test``; the false-alarm rate on
@@ -51,6 +52,8 @@ from model.thresholds import conformal_threshold
 from model.train import fit
 
 QUICK_MODEL = {"win_size": 20, "d_model": 16, "n_heads": 2, "e_layers": 1, "d_ff": 16}
+SMOOTHING = (5, 10, 20, 50)  # trailing-mean widths of the smoothed variants
+SMOOTHED = ("mean_norm", "mean_norm_sqrt")
 VARIANTS = (
     "last",
     "mean",
@@ -60,7 +63,7 @@ VARIANTS = (
     "mean_norm_max",
     "mean_znorm",
     "mean_norm_sqrt",
-    "mean_norm_ma10",
+    *(f"{base}_ma{width}" for base in SMOOTHED for width in SMOOTHING),
 )
 
 
@@ -83,7 +86,7 @@ def variant_scores(last: np.ndarray, mean: np.ndarray, tail: slice) -> dict[str,
     scale_mean = mean[tail].mean(axis=0) + 1e-12
     mean_normed = mean / scale_mean
     spread = mean[tail].std(axis=0) + 1e-12
-    return {
+    scores = {
         "last": last.sum(axis=1),
         "mean": mean.sum(axis=1),
         "last_norm": (last / scale_last).sum(axis=1),
@@ -92,8 +95,11 @@ def variant_scores(last: np.ndarray, mean: np.ndarray, tail: slice) -> dict[str,
         "mean_norm_max": mean_normed.max(axis=1),
         "mean_znorm": np.clip((mean - mean[tail].mean(axis=0)) / spread, 0, None).sum(axis=1),
         "mean_norm_sqrt": np.sqrt(mean_normed).sum(axis=1),
-        "mean_norm_ma10": trailing_mean(mean_normed.sum(axis=1), 10),
     }
+    for base in SMOOTHED:
+        for width in SMOOTHING:
+            scores[f"{base}_ma{width}"] = trailing_mean(scores[base], width)
+    return scores
 
 
 def metrics(scores: np.ndarray, tail: slice, test: slice, labels: np.ndarray) -> dict[str, float]:
@@ -165,12 +171,18 @@ def fit_model(parts: list[Prepared], seed: int, args: argparse.Namespace) -> tup
     return result.model, len(result.history.epochs)
 
 
-def score_variants(model: Any, part: Prepared) -> dict[str, np.ndarray]:
-    """The variants' scores for the tail and test rows of one entity."""
+def score_variants(
+    model: Any, part: Prepared, save_to: Path | None = None
+) -> dict[str, np.ndarray]:
+    """The variants' scores for the tail and test rows of one entity; ``save_to`` keeps the
+    per-sensor ``recon_mean`` errors (float16 ``.npy``) for exploring other scores offline."""
     win = model.cfg.win_size
     scored = part.rows[part.n_fit - (win - 1) :]  # the tail and test, with one window of context
     last = _errors(model, scored, "recon_last", win)
     mean = _errors(model, scored, "recon_mean", win)
+    if save_to is not None:
+        save_to.parent.mkdir(parents=True, exist_ok=True)
+        np.save(save_to, mean.astype(np.float16))
     return variant_scores(last, mean, part.tail)
 
 
@@ -210,7 +222,8 @@ def run_global(parts: dict[str, Prepared], args: argparse.Namespace) -> list[dic
         started = time.perf_counter()
         model, epochs = fit_model(list(parts.values()), seed, args)
         for name, part in parts.items():
-            per_entity[name][seed] = score_variants(model, part)
+            save_to = args.save_errors / f"{name}_seed{seed}.npy" if args.save_errors else None
+            per_entity[name][seed] = score_variants(model, part, save_to)
         seconds = time.perf_counter() - started
         print(f"global seed {seed}: {seconds:.0f} s, {epochs} epochs", flush=True)
     extra = _extra(args, seconds / len(parts), epochs)
@@ -284,6 +297,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps (smoke test)")
+    parser.add_argument("--save-errors", type=Path, help="folder for per-sensor errors (global)")
     parser.add_argument("--out", type=Path, help="folder for at_smd.csv (appended per entity)")
     args = parser.parse_args()
     if (args.root is None) == (args.npz is None):
