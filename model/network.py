@@ -134,15 +134,23 @@ class AnomalyAttention(nn.Module):
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         q, k, v, raw_sigma = self._heads(h)
+        sigma = squash_sigma(raw_sigma)  # (B, H, L)
+        heads, series, prior = self.associations(q, k, v, sigma)
+        return self._merge(heads), series, prior, sigma
+
+    def associations(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """Per-head output `(B, H, L, E)`, series and prior `(B, H, L, L)` from q, k, v and the
+        squashed sigma `(B, H, L)`: the plain counterpart of ``model.fused_attention``."""
         scale = q.shape[-1] ** -0.5
         scores = torch.matmul(q * scale, k.transpose(-1, -2))  # (B, H, L, L)
         series = torch.softmax(at_least_float32(scores), dim=-1)  # (B, H, L, L)
         heads = torch.matmul(self.attn_dropout(series).to(v.dtype), v)  # (B, H, L, E)
-        sigma = squash_sigma(raw_sigma)  # (B, H, L)
         inverse_variance = sigma.pow(-2).unsqueeze(-1)  # (B, H, L, 1)
         gaussian = torch.exp(self.half_sq_distance * inverse_variance)  # (B, H, L, L), in [0, 1]
         prior = gaussian / gaussian.sum(dim=-1, keepdim=True)  # (B, H, L, L)
-        return self._merge(heads), series, prior, sigma
+        return heads, series, prior
 
     def discrepancy_rows(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The attention output and the per-row discrepancies, through the Triton kernels.

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from model.config import ModelConfig, TrainConfig  # noqa: E402
 from model.fused_attention import anomaly_attention  # noqa: E402
 from model.losses import association_discrepancy, row_discrepancy  # noqa: E402
-from model.network import AnomalyAttention, AnomalyTransformer  # noqa: E402
+from model.network import AnomalyAttention, AnomalyTransformer, squash_sigma  # noqa: E402
 from model.steps import TrainStep, make_optimizer  # noqa: E402
 
 FAST = TrainConfig(batch_size=4, device="cpu", progress=False)
@@ -71,6 +71,39 @@ def test_fused_values_and_gradients_match_the_plain_attention(length: int, head_
             torch.testing.assert_close(
                 actual[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=f"{term} -> {name}"
             )
+
+
+def _relative_l2(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value.double() - reference.double()).norm() / reference.double().norm())
+
+
+def test_half_precision_is_as_close_to_fp32_as_the_plain_path() -> None:
+    """q, k, v in fp16 (the casts of the bf16 path; the interpreter's bf16 dots are wrong,
+    triton-lang/triton#11584): output, rows, dq, dk, dv, dsigma against plain fp32."""
+    attention = _attention(20, 16)
+    with torch.no_grad():
+        q, k, v, raw_sigma = attention._heads(torch.randn(2, 20, attention.d_model))
+    sigma = squash_sigma(raw_sigma)
+    weights = torch.randn(q.shape)
+
+    def evaluate(fused: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        inputs.append(sigma.detach().requires_grad_())
+        if fused:
+            heads, series_side, prior_side = anomaly_attention(*inputs)
+            series_rows, prior_rows = row_discrepancy([series_side]), row_discrepancy([prior_side])
+        else:
+            heads, series, prior = attention.associations(*inputs)
+            series_rows = association_discrepancy([series], [prior.detach()])
+            prior_rows = association_discrepancy([series.detach()], [prior])
+        loss = (heads.float() * weights).mean() - series_rows.mean() + prior_rows.mean()
+        return [heads.detach(), series_rows.detach(), *torch.autograd.grad(loss, inputs)]
+
+    reference = evaluate(fused=False, dtype=torch.float32)
+    plain, fused = evaluate(False, torch.float16), evaluate(True, torch.float16)
+    for name, expected, p, f in zip(("out", "rows", *PARTS), reference, plain, fused, strict=True):
+        plain_error, fused_error = _relative_l2(p, expected), _relative_l2(f, expected)
+        assert 0 < fused_error <= 1.5 * plain_error, (name, fused_error, plain_error)
 
 
 def test_each_side_sends_gradient_to_its_own_inputs_only() -> None:
