@@ -51,7 +51,7 @@ def _associations(q, k, sigma, rows, cols, col_ok, scale, L: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(
+def _anomaly_attention_fwd(
     Q, K, V, SIGMA, OUT, SERIES_SIDE, PRIOR_SIDE,
     sqb, sqh, sql, sqe, skb, skh, skl, ske, svb, svh, svl, sve,
     ssb, ssh, ssl, sob, soh, sol, soe,
@@ -85,7 +85,7 @@ def _forward_kernel(
 
 
 @triton.jit
-def _backward_kernel(
+def _anomaly_attention_bwd(
     Q, K, V, SIGMA, D_OUT, D_SERIES_SIDE, D_PRIOR_SIDE, DQ, DK, DV, D_SIGMA,
     sqb, sqh, sql, sqe, skb, skh, skl, ske, svb, svh, svl, sve,
     ssb, ssh, ssl, sdb, sdh, sdl, sde, sgb, sgh, sgl, sge,
@@ -197,7 +197,7 @@ def _forward(
     batch, n_heads, length, head_dim = q.shape
     heads = _heads_like(v)
     series_side, prior_side = _rows_like(sigma), _rows_like(sigma)
-    _forward_kernel[(batch * n_heads,)](
+    _anomaly_attention_fwd[(batch * n_heads,)](
         q, k, v, sigma, heads, series_side, prior_side,
         *q.stride(), *k.stride(), *v.stride(), *sigma.stride(), *heads.stride(),
         n_heads, head_dim**-0.5, KL_EPS, length, head_dim,
@@ -227,7 +227,7 @@ def _backward(
     dq, dk, dv = _heads_like(q), _heads_like(k), _heads_like(v)
     d_sigma = _rows_like(sigma)
     d_series_side, d_prior_side = d_series_side.contiguous(), d_prior_side.contiguous()
-    _backward_kernel[(batch * n_heads,)](
+    _anomaly_attention_bwd[(batch * n_heads,)](
         q, k, v, sigma, d_heads, d_series_side, d_prior_side, dq, dk, dv, d_sigma,
         *q.stride(), *k.stride(), *v.stride(), *sigma.stride(), *d_heads.stride(),
         *dq.stride(),
