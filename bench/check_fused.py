@@ -209,11 +209,17 @@ def timings(
 
 def sweep(inputs: Inputs, weights: torch.Tensor, shape: Shape) -> list[str]:
     """Fused bf16 forward + backward per kernel configuration (CUDA only)."""
+    from triton.runtime.errors import OutOfResources
+
     lines = ["| block_m | warps | ms fwd+bwd |", "| --- | --- | --- |"]
     for block_m, warps in SWEEP:
         objective = fused_objective(block_m, warps)
-        ms, _ = time_fwd_bwd(objective, leaves(inputs, torch.bfloat16), weights, shape.repeats)
-        lines.append(f"| {block_m} | {warps} | {ms:.3f} |")
+        try:
+            ms, _ = time_fwd_bwd(objective, leaves(inputs, torch.bfloat16), weights, shape.repeats)
+            result = f"{ms:.3f}"
+        except OutOfResources as error:
+            result = f"out of resources ({error})"
+        lines.append(f"| {block_m} | {warps} | {result} |")
         print(lines[-1], flush=True)
     return lines
 
