@@ -54,6 +54,7 @@ from model.train import fit
 QUICK_MODEL = {"win_size": 20, "d_model": 16, "n_heads": 2, "e_layers": 1, "d_ff": 16}
 SMOOTHING = (5, 10, 20, 50)  # trailing-mean widths of the smoothed variants
 SMOOTHED = ("mean_norm", "mean_norm_sqrt")
+SMOOTHED_NAMES = tuple(f"{base}_ma{width}" for base in SMOOTHED for width in SMOOTHING)
 VARIANTS = (
     "last",
     "mean",
@@ -63,7 +64,7 @@ VARIANTS = (
     "mean_norm_max",
     "mean_znorm",
     "mean_norm_sqrt",
-    *(f"{base}_ma{width}" for base in SMOOTHED for width in SMOOTHING),
+    *SMOOTHED_NAMES,
 )
 
 
@@ -96,10 +97,17 @@ def variant_scores(last: np.ndarray, mean: np.ndarray, tail: slice) -> dict[str,
         "mean_znorm": np.clip((mean - mean[tail].mean(axis=0)) / spread, 0, None).sum(axis=1),
         "mean_norm_sqrt": np.sqrt(mean_normed).sum(axis=1),
     }
-    for base in SMOOTHED:
-        for width in SMOOTHING:
-            scores[f"{base}_ma{width}"] = trailing_mean(scores[base], width)
-    return scores
+    return with_smoothing(scores)
+
+
+def with_smoothing(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``scores`` plus the trailing means of the ``SMOOTHED`` variants."""
+    smoothed = {
+        f"{base}_ma{width}": trailing_mean(scores[base], width)
+        for base in SMOOTHED
+        for width in SMOOTHING
+    }
+    return {**scores, **smoothed}
 
 
 def metrics(scores: np.ndarray, tail: slice, test: slice, labels: np.ndarray) -> dict[str, float]:
@@ -226,11 +234,52 @@ def run_global(parts: dict[str, Prepared], args: argparse.Namespace) -> list[dic
             per_entity[name][seed] = score_variants(model, part, save_to)
         seconds = time.perf_counter() - started
         print(f"global seed {seed}: {seconds:.0f} s, {epochs} epochs", flush=True)
+        if args.scores_out:
+            save_scores(args.scores_out / f"scores_seed{seed}.npz", per_entity, seed)
+    if args.scores_out:  # metrics later, off the GPU machine: --from-scores
+        return []
     extra = _extra(args, seconds / len(parts), epochs)
     return [
         row
         for name, part in parts.items()
         for row in entity_rows(name, part, per_entity[name], extra)
+    ]
+
+
+PerEntity = dict[str, dict[int, dict[str, np.ndarray]]]  # entity -> seed -> variant -> scores
+
+
+def save_scores(path: Path, per_entity: PerEntity, seed: int) -> None:
+    """One seed's unsmoothed variant scores of every entity, as ``<entity>/<variant>`` arrays."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        f"{name}/{variant}": values.astype(np.float32)
+        for name, by_seed in per_entity.items()
+        for variant, values in by_seed[seed].items()
+        if variant not in SMOOTHED_NAMES
+    }
+    np.savez_compressed(path, **arrays)
+
+
+def rows_from_scores(
+    parts: dict[str, Prepared], paths: list[Path], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Metrics of the scores that ``--scores-out`` saved (``scores_seed<seed>.npz`` files)."""
+    per_entity: PerEntity = {name: {} for name in parts}
+    for path in paths:
+        seed = int(path.stem.removeprefix("scores_seed"))
+        with np.load(path) as arrays:
+            for key in arrays.files:
+                name, variant = key.split("/")
+                if name in per_entity:
+                    per_entity[name].setdefault(seed, {})[variant] = arrays[key]
+    extra = _extra(args, float("nan"), 0)
+    return [
+        row
+        for name, part in parts.items()
+        for row in entity_rows(
+            name, part, {seed: with_smoothing(v) for seed, v in per_entity[name].items()}, extra
+        )
     ]
 
 
@@ -297,6 +346,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps (smoke test)")
+    parser.add_argument("--scores-out", type=Path, help="save scores, skip metrics (global)")
+    parser.add_argument("--from-scores", type=Path, nargs="+", help="metrics of saved scores")
     parser.add_argument("--save-errors", type=Path, help="folder for per-sensor errors (global)")
     parser.add_argument("--out", type=Path, help="folder for at_smd.csv (appended per entity)")
     args = parser.parse_args()
@@ -313,11 +364,15 @@ def main() -> None:
     if not parts:
         parser.error("no entity to run")
     rows = []
-    if args.scope == "global":
+    if args.from_scores:
+        rows = rows_from_scores(parts, args.from_scores, args)
+        if args.out:
+            _append_csv(args.out / "at_smd.csv", rows)
+    elif args.scope == "global":
         rows = run_global(parts, args)
         if args.out:
             _append_csv(args.out / "at_smd.csv", rows)
-    for name, part in parts.items() if args.scope == "entity" else ():
+    for name, part in parts.items() if args.scope == "entity" and not args.from_scores else ():
         started = time.perf_counter()
         found = run_entity(name, part, args)
         rows += found

@@ -65,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="folder for bench.md, bench.json")
     parser.add_argument("--profile", action="store_true", help="kernel profile of the fast paths")
     parser.add_argument("--cpu-compile", action="store_true", help="compiled variants on CPU too")
+    parser.add_argument("--train-only", action="store_true", help="skip the scoring variants")
     return parser.parse_args()
 
 
@@ -225,8 +226,11 @@ def main() -> None:
     score_profiles = profiles if profiling else None
     train_rows, fast_step = run_training(settings, device, compile_ok, score_profiles)
     sections = [train_table(train_rows, settings)]
-    score_rows = run_scoring(settings, fast_step.model, device, compile_ok, score_profiles)
-    sections += [score_table(score_rows, settings), ANCHORS, verdict(train_rows, score_rows)]
+    score_rows = []
+    if not args.train_only:
+        score_rows = run_scoring(settings, fast_step.model, device, compile_ok, score_profiles)
+        sections.append(score_table(score_rows, settings))
+    sections += [ANCHORS, verdict(train_rows, score_rows)]
     sections += [profile_markdown(name, summary) for name, summary in profiles.items()]
     report = f"{json.dumps(env)}\n\n" + "\n\n".join(sections)
     print("\n" + report)
