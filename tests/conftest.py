@@ -1,9 +1,11 @@
-"""Shared fixtures: a SQLite warehouse in a temporary file, a fresh PostgreSQL database."""
+"""Shared fixtures: a SQLite warehouse in a temporary file, a fresh PostgreSQL database, a fresh
+MLflow tracking store."""
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +37,38 @@ def scratch_atp_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
 def sqlite_url(tmp_path: Path) -> str:
     """A SQLite warehouse in a file of its own."""
     return f"sqlite:///{tmp_path / 'warehouse.db'}"
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[None]:
+    """One temporary Prefect server and database for the session (its workers' start takes
+    seconds). Flow-run heartbeats are off: they detect crashed runs of deployments, and a run's
+    end waits up to a second for the heartbeat thread (the production-form worker keeps them)."""
+    from prefect.settings import temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    no_heartbeats = temporary_settings(updates={"flows.heartbeat_frequency": None})
+    with prefect_test_harness(server_startup_timeout=120), no_heartbeats:
+        yield
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store, created and migrated once per session by MLflow itself."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, mlflow_template: Path) -> str:
+    """A fresh MLflow tracking store of this test: a copy of the empty migrated one (migrating a
+    new store takes seconds; the first-run path is covered by the MLflow UI and production-form
+    tests, which start from nothing)."""
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 @pytest.fixture

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.params import CalibrationParams, ModelParams, TrainFlowParams, TrainingParams
 
@@ -18,18 +16,18 @@ TEST_ROWS = 200
 
 
 @pytest.fixture(scope="session", autouse=True)
-def prefect_api() -> Iterator[None]:
-    """One temporary Prefect server and database for the whole session."""
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def flows_run_on_prefect_api(prefect_api: None) -> None:
+    """Every flow test talks to the session's temporary Prefect server."""
 
 
 @pytest.fixture
-def atp_env(tmp_path: Path, warehouse_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+def atp_env(
+    tmp_path: Path, warehouse_url: str, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> str:
     """Point every setting at fresh state: ATP_HOME, the warehouse under test, an MLflow store."""
     monkeypatch.setenv("ATP_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("ATP_WAREHOUSE_URL", warehouse_url)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     monkeypatch.setenv("ATP_MODEL_NAME", "test-model")
     return warehouse_url
 

@@ -46,10 +46,12 @@ def _slice_sample(root: Path) -> Path:
 
 
 @pytest.fixture
-def baseline_env(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+def baseline_env(
+    tmp_path: Path, sqlite_url: str, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> str:
     monkeypatch.setenv("ATP_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("ATP_WAREHOUSE_URL", sqlite_url)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     monkeypatch.setenv("ATP_MODEL_NAME", MODEL)
     return sqlite_url
 

@@ -18,11 +18,13 @@ def test_benchmark_layouts_are_the_loaders() -> None:
 
 
 def test_benchmark_command_on_nab(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    mlflow_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("ATP_HOME", str(tmp_path / "home"))
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     write_nab(tmp_path / "nab")
     options = ["--layout=nab", "--detectors=max_z,random", "--seeds=3", "--anomaly-ratio=5"]
     out = tmp_path / "out"
@@ -33,7 +35,7 @@ def test_benchmark_command_on_nab(
     assert out.joinpath("benchmark.csv").read_text().count("realX/a") == 2
     markdown = out.joinpath("benchmark.md").read_text()
     assert "| max_z | 1 |" in markdown and "Skipped 2 entities:" in markdown
-    client = MlflowClient(tracking)
+    client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("atp-benchmark").experiment_id])
     assert run.data.params["layout"] == "nab" and run.data.params["anomaly_ratio"] == "5.0"
     assert run.data.params["seeds"] == "(3,)" and run.data.metrics["entities_skipped"] == 2

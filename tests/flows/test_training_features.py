@@ -18,12 +18,14 @@ from tasks.settings import get_settings
 
 
 @pytest.fixture
-def sqlite_env(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+def sqlite_env(
+    tmp_path: Path, sqlite_url: str, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> str:
     """Fresh ATP_HOME, SQLite warehouse and MLflow store (the flows' warehouse code is tested on
     both backends by test_pipeline.py)."""
     monkeypatch.setenv("ATP_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("ATP_WAREHOUSE_URL", sqlite_url)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     monkeypatch.setenv("ATP_MODEL_NAME", "features-model")
     return sqlite_url
 

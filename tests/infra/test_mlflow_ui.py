@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.params import CalibrationParams, ModelParams, TrainFlowParams, TrainingParams
 from tasks.publish import TrainingSummary
@@ -51,7 +50,7 @@ class Store:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+def store(tmp_path_factory: pytest.TempPathFactory, prefect_api: None) -> Iterator[Store]:
     """Ingest a small SMD layout and train a tiny model through the real flows: champion."""
     from mlflow.tracking import MlflowClient
 
@@ -67,7 +66,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
         "MLFLOW_TRACKING_URI": tracking_uri,
         "ATP_MODEL_NAME": MODEL,
     }
-    with pytest.MonkeyPatch.context() as patch, prefect_test_harness(server_startup_timeout=120):
+    with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
         patch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -62,21 +59,11 @@ def test_missing_metric_is_named() -> None:
         )
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty, migrated sqlite store, copied for every test (migrating takes seconds)."""
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def client(tmp_path: Path, template_db: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
+def client(mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
     """A fresh store holding one registered model with no versions yet."""
-    shutil.copy(template_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    client = MlflowClient(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    client = MlflowClient(mlflow_uri)
     client.create_registered_model(NAME)
     return client
 

@@ -99,29 +99,17 @@ def stored_checkpoint(version: int) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty, migrated sqlite store, copied for every test (migrating takes seconds)."""
-    import mlflow
-
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
 def artifact_root(
-    tmp_path: Path, template_db: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Path]:
     """A fresh store under ``tmp_path``, run from there; the artifact root."""
     import mlflow
 
-    shutil.copy(template_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.chdir(tmp_path)
-    configure_tracking(uri, tmp_path / "mlartifacts")
+    configure_tracking(mlflow_uri, tmp_path / "mlartifacts")
     yield tmp_path / "mlartifacts"
     mlflow.set_tracking_uri(None)
 
@@ -290,7 +278,7 @@ def test_pyfunc_loads_without_the_project_on_the_path(artifact_root: Path, tmp_p
 
 
 def test_a_fresh_process_finds_the_models_on_the_default_store(
-    tmp_path: Path, template_db: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No MLFLOW_TRACKING_URI anywhere: training and a later run both use the store in ATP_HOME."""
     import mlflow
@@ -302,7 +290,7 @@ def test_a_fresh_process_finds_the_models_on_the_default_store(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     settings = get_settings()
-    shutil.copy(template_db, settings.home / "mlflow.db")
+    shutil.copy(mlflow_template, settings.home / "mlflow.db")
     configure_tracking(settings.mlflow_tracking_uri, settings.artifact_root)
     register(tmp_path, 1)
     mlflow.set_tracking_uri(None)  # what a new process starts with
