@@ -16,7 +16,8 @@ keeping the per-sensor errors, and derive the variants:
   squared residuals: one sensor's burst weighs less against many sensors' shifts);
 * ``mean_norm_ma<w>``/``mean_norm_sqrt_ma<w>``: those scores averaged over the ``w`` points
   ending at the point (``SMOOTHING``);
-* ``*_ens``: the mean over seeds of a variant, each seed's score divided by its median on the tail.
+* ``*_ens``: the mean over seeds of a variant, each seed's score divided by its median on the
+  tail (its mean where the median is 0).
 
 Test labels only score. Metrics: VUS-PR, AUC-PR, AUROC on ``test``; the false-alarm rate on
 normal test points at the split-conformal threshold (alpha 0.005) fitted on the tail. Needs torch
@@ -194,6 +195,13 @@ def score_variants(
     return variant_scores(last, mean, part.tail)
 
 
+def _tail_level(values: np.ndarray) -> float:
+    """The tail's median (its mean where the median is 0, e.g. clipped scores): an ensemble's
+    per-seed scale."""
+    median = float(np.median(values))
+    return median if median > 0 else float(values.mean()) + 1e-12
+
+
 def entity_rows(
     name: str, part: Prepared, per_seed: dict[int, dict[str, np.ndarray]], extra: dict[str, Any]
 ) -> list[dict[str, Any]]:
@@ -205,7 +213,7 @@ def entity_rows(
             out.append({"machine": name, "variant": variant, "seed": seed, **row, **extra})
     if len(per_seed) > 1:
         for variant in VARIANTS:
-            normed = [s[variant] / np.median(s[variant][part.tail]) for s in per_seed.values()]
+            normed = [s[variant] / _tail_level(s[variant][part.tail]) for s in per_seed.values()]
             row = metrics(np.mean(normed, axis=0), part.tail, part.test, part.labels)
             out.append({"machine": name, "variant": f"{variant}_ens", "seed": -1, **row, **extra})
     return out
