@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
         "its mean on the validation tail, final win_size - 1 rows later; recon_mean: undivided; "
         "recon_last: error of the window ending at the point, final at once",
     )
+    train.add_argument(
+        "--score-smoothing",
+        type=int,
+        help="average each score over this many rows ending at it (default 10; 1: none)",
+    )
     train.add_argument("--max-epochs", type=int, help="maximum epochs")
     train.add_argument("--max-steps", type=int, help="maximum optimiser steps")
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N")
@@ -188,6 +193,7 @@ def _train_params(args: argparse.Namespace) -> Any:
             "train_end": args.train_end,
             "detector": args.model or base.detector,
             "scoring_method": args.scoring_method or base.scoring_method,
+            "score_smoothing": args.score_smoothing or base.score_smoothing,
             "promote": args.promote or base.promote,
             "training": base.training.model_copy(update=training),
             "calibration": base.calibration.model_copy(update=calibration),

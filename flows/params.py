@@ -108,6 +108,14 @@ class TrainFlowParams(BaseModel):
             "both final win_size - 1 rows later. recon_last, reference_last: final at once"
         ),
     )
+    score_smoothing: int = Field(
+        10,
+        ge=1,
+        description=(
+            "the Anomaly Transformer's score of a point is the mean of the scores of the "
+            "score_smoothing rows ending at it (1: no smoothing); adds no provisional rows"
+        ),
+    )
     detector: Literal["anomaly_transformer", "pca", "knn", "max_z", "isolation_forest"] = Field(
         "anomaly_transformer",
         description=(

@@ -36,6 +36,7 @@ def training_flow(params: TrainFlowParams = TrainFlowParams()) -> TrainingSummar
         params.training.to_config(),
         run_dir / "trained.ckpt",
         scoring_method=params.scoring_method,
+        score_smoothing=params.score_smoothing,
         detector=params.detector,
     )
     calibration = calibrate_task(

@@ -45,6 +45,11 @@ class ScoringModel(Protocol):
         """How many of a series' last scores rows after them still change (0: final at once)."""
         ...
 
+    @property
+    def context_points(self) -> int:
+        """How many rows before a point its score reads (at least ``win_size - 1``)."""
+        ...
+
     def score(
         self, values: np.ndarray, *, entity: str, skip: int = 0, batch_size: int = 512
     ) -> ScoreResult:

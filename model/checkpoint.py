@@ -19,7 +19,13 @@ import torch
 from model.config import ModelConfig
 from model.device import resolve_device
 from model.network import AnomalyTransformer
-from model.scoring import SENSOR_NORMALISED, ScoreResult, provisional_points, score_series
+from model.scoring import (
+    SENSOR_NORMALISED,
+    ScoreResult,
+    provisional_points,
+    score_series,
+    trailing_mean,
+)
 
 FORMAT = "anomaly-transformer-checkpoint/1"
 
@@ -34,25 +40,41 @@ class Checkpoint:
         self, values: np.ndarray, *, entity: str, skip: int = 0, batch_size: int = 512
     ) -> ScoreResult:
         """Score a scaled `(T, C)` series with ``extras["scoring_method"]`` (one network for every
-        ``entity``); the result covers ``values[skip:]``."""
-        method = self.extras["scoring_method"]
+        ``entity``), smoothed over ``score_smoothing`` rows; the result covers ``values[skip:]``.
+        """
+        method, smoothing = self.extras["scoring_method"], self.score_smoothing
         base = SENSOR_NORMALISED.get(method, method)
-        result = score_series(self.model, values, base, skip=skip, batch_size=batch_size)
-        if base == method:
+        first = max(0, skip - (smoothing - 1))  # the rows the smoothing of row ``skip`` reads
+        result = score_series(self.model, values, base, skip=first, batch_size=batch_size)
+        contributions = result.contributions
+        if base != method:
+            scales = self.extras.get("sensor_scales", {})
+            if entity not in scales:
+                raise ValueError(
+                    f"invalid checkpoint: scoring method {method!r} needs sensor_scales for "
+                    f"entity {entity!r}; it has them for {sorted(scales)}"
+                )
+            contributions = (contributions / np.asarray(scales[entity])).astype(np.float32)
+        if base == method and smoothing == 1:
             return result
-        scales = self.extras.get("sensor_scales", {})
-        if entity not in scales:
-            raise ValueError(
-                f"invalid checkpoint: scoring method {method!r} needs sensor_scales for entity "
-                f"{entity!r}; it has them for {sorted(scales)}"
-            )
-        contributions = (result.contributions / np.asarray(scales[entity])).astype(np.float32)
+        contributions = trailing_mean(contributions, smoothing)[skip - first :]
         return ScoreResult(contributions.sum(axis=1), contributions)
+
+    @property
+    def score_smoothing(self) -> int:
+        """How many rows, ending at a point, its score averages (``extras``; 1: none)."""
+        return int(self.extras.get("score_smoothing", 1))
 
     @property
     def provisional_points(self) -> int:
         """How many of a series' last scores later rows still change (``recon_mean``: L - 1)."""
         return provisional_points(self.extras["scoring_method"], self.model_cfg.win_size)
+
+    @property
+    def context_points(self) -> int:
+        """How many rows before a point its score reads: ``win_size - 1`` for the windows, plus
+        ``score_smoothing - 1`` for the smoothing."""
+        return self.model_cfg.win_size - 1 + self.score_smoothing - 1
 
     def save(self, path: str | Path, extras: dict[str, Any] | None = None) -> None:
         """Write this checkpoint, with ``extras`` in place of its own when given."""

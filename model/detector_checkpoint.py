@@ -60,6 +60,11 @@ class DetectorCheckpoint:
         """0: a detector's score is final once the window ending at the point is there."""
         return 0
 
+    @property
+    def context_points(self) -> int:
+        """``win_size - 1``: a point's score reads the window ending at it."""
+        return self.model_cfg.win_size - 1
+
     def score(
         self, values: np.ndarray, *, entity: str, skip: int = 0, batch_size: int = 512
     ) -> ScoreResult:

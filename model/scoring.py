@@ -77,6 +77,22 @@ def provisional_points(method: str, win_size: int) -> int:
     return win_size - 1 if base in ("recon_mean", "reference") else 0
 
 
+def trailing_mean(contributions: np.ndarray, width: int) -> np.ndarray:
+    """Each row `(T, C)` averaged with the ``width - 1`` rows before it (fewer at the start).
+
+    The smoothing of a checkpoint's ``score_smoothing``: it keeps rows summing to the score and
+    adds no provisional rows (a row's mean is final when the row is), but a point's smoothed
+    score needs the ``width - 1`` scores before it.
+    """
+    if width < 1:
+        raise ValueError(f"invalid width={width}: expected an integer >= 1")
+    rows = np.asarray(contributions, np.float64)
+    sums = np.concatenate([np.zeros((1, rows.shape[1])), np.cumsum(rows, axis=0)])  # (T + 1, C)
+    ends = np.arange(1, len(rows) + 1)
+    starts = np.maximum(ends - width, 0)
+    return ((sums[ends] - sums[starts]) / (ends - starts)[:, None]).astype(np.float32)
+
+
 def sensor_error_scales(contributions: np.ndarray) -> np.ndarray:
     """Each sensor's mean error `(C,)` over held-out normal points `(T, C)`: what the
     ``SENSOR_NORMALISED`` methods divide that sensor's error by."""

@@ -71,7 +71,7 @@ def _score(checkpoint: ScoringModel, entity: str, values: np.ndarray, skip: int)
 
 def validation_scores(checkpoint: ScoringModel, dataset: DatasetRef) -> dict[str, np.ndarray]:
     """Per entity, streaming scores of its validation tail, with its fit part as context."""
-    context_rows = checkpoint.model_cfg.win_size - 1
+    context_rows = checkpoint.context_points
     scores = {}
     for entity in dataset.entities:
         values, skip = dataset.tail_with_context(entity, context_rows)

@@ -53,7 +53,7 @@ def labelled_scores(
     if not labelled.any():
         return None
     first = int(np.argmax(labelled))
-    begin = max(0, first - (checkpoint.model_cfg.win_size - 1))
+    begin = max(0, first - checkpoint.context_points)
     values = frame[list(checkpoint.extras["sensors"])].to_numpy(np.float64)[begin:]
     scores, _ = score_values(checkpoint, entity, values, skip=first - begin)
     scored = pd.DataFrame({"ts": frame["ts"].iloc[first:].to_numpy(), "score": scores})

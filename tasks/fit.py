@@ -88,12 +88,14 @@ def train_model(
     out_path: Path,
     *,
     scoring_method: str,
+    score_smoothing: int,
     detector: str = AT,
 ) -> TrainedModel:
     """Fit ``detector`` on every entity's fit part and save the checkpoint.
 
     The Anomaly Transformer stops early on the validation tails and scores with
-    ``scoring_method``; a baseline ignores both and ``model_cfg``, seeded by ``train_cfg.seed``.
+    ``scoring_method``, each score averaged over the ``score_smoothing`` rows ending at it; a
+    baseline ignores those and ``model_cfg``, seeded by ``train_cfg.seed``.
     """
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if detector != AT:
@@ -107,7 +109,10 @@ def train_model(
         [v for v in val_parts if len(v) >= model_cfg.win_size],
     )
     seconds = time.perf_counter() - started
-    extras = common_extras(dataset, AT, scoring_method) | {"train_config": train_cfg.to_dict()}
+    extras = common_extras(dataset, AT, scoring_method) | {
+        "train_config": train_cfg.to_dict(),
+        "score_smoothing": score_smoothing,
+    }
     if scoring_method in SENSOR_NORMALISED:
         extras["sensor_scales"] = sensor_scales(result.model, dataset, scoring_method)
     save_checkpoint(out_path, result.model, model_cfg, extras)

@@ -3,7 +3,9 @@
 A point's final score is a pure function of the model version and the rows of its entity around
 it: the ``win_size`` rows that end at the point (``recon_last``/``reference_last``), or the
 ``2 * win_size - 1`` rows centred on it (``recon_mean``), so scheduled runs, small incremental runs
-and backfills give the same value for the same point. The first ``win_size - 1`` rows of an entity
+and backfills give the same value for the same point; an Anomaly Transformer's
+``score_smoothing`` averages a point's score with the ``score_smoothing - 1`` before it, so a
+point's score reads ``context_points`` rows before it. The first ``win_size - 1`` rows of an entity
 are scored once its first window is complete. With ``recon_mean`` the last ``win_size - 1`` rows
 scored are ``provisional``: the next scheduled run re-scores them with the rows that came since
 (replacing them, never adding rows), and a backfill reads ``win_size - 1`` rows past its range.
@@ -201,14 +203,14 @@ class PendingRows:
 
 def _new_rows(engine: Engine, contract: Contract, loaded: LoadedModel, entity: str) -> PendingRows:
     """The rows after the entity's watermark, and its provisional rows before it, led by up to
-    ``win_size - 1`` rows of context; nothing to score when no row came after the watermark."""
+    ``context_points`` rows of context; nothing to score when no row came after the watermark."""
     with read_transaction(engine) as conn:
         watermark = get_watermark(conn, contract.name, entity, loaded.name)
         provisional = first_provisional(conn, contract.name, entity, loaded.name)
     if watermark is None:
         frame = read_readings(engine, contract, entity=entity)
         return PendingRows(entity, frame, 0)
-    context = loaded.checkpoint.model_cfg.win_size - 1
+    context = loaded.checkpoint.context_points
     if provisional is None or provisional > watermark.last_ts:
         frame = read_readings(
             engine, contract, entity=entity, after=watermark.last_ts, limit_before=context
@@ -232,9 +234,9 @@ def _range_rows(
     start: datetime | None,
     end: datetime | None,
 ) -> PendingRows:
-    """The rows with ``start <= ts < end``, led by up to ``win_size - 1`` rows of context and
+    """The rows with ``start <= ts < end``, led by up to ``context_points`` rows of context and
     followed by up to ``provisional_points`` rows from ``end`` on."""
-    context = None if start is None else loaded.checkpoint.model_cfg.win_size - 1
+    context = None if start is None else loaded.checkpoint.context_points
     lookahead = None if end is None else loaded.checkpoint.provisional_points
     frame = read_readings(
         engine,
@@ -361,11 +363,12 @@ def _score_in_chunks(
 ) -> EntityResult:
     """Score the pending rows chunk by chunk; each chunk commits in its own transaction.
 
-    A chunk reads ``win_size - 1`` rows before it and, for scores averaged over windows, the
+    A chunk reads ``context_points`` rows before it and, for scores averaged over windows, the
     ``provisional_points`` rows after it, so chunk boundaries change no score.
     """
     extras = loaded.checkpoint.extras
     win, lag = loaded.checkpoint.model_cfg.win_size, loaded.checkpoint.provisional_points
+    context = loaded.checkpoint.context_points
     entity, frame = pending.entity, pending.frame
     sensors = list(extras["sensors"])
     scaler = Scaler.from_dict(extras["scalers"][entity])
@@ -373,7 +376,7 @@ def _score_in_chunks(
     step = max(chunk_rows, win)
     stop = pending.context_rows + pending.rows_to_score
     for start in range(pending.context_rows, stop, step):
-        begin, end = max(0, start - (win - 1)), min(start + step, stop)
+        begin, end = max(0, start - context), min(start + step, stop)
         window = frame.iloc[begin : min(len(frame), end + lag)]
         result = score_rows(loaded, entity, window, start - begin, end - start)
         values = scaler.impute(frame[sensors].iloc[start:end].to_numpy(np.float64))

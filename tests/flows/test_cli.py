@@ -42,10 +42,12 @@ def test_train_options_reach_the_flow_parameters() -> None:
             "--false-alarm-budget=0.05",
             "--force",
             "--scoring-method=recon_last",
+            "--score-smoothing=3",
         ]
     )
     params = _train_params(args)
     assert params.source == "pumps" and params.scoring_method == "recon_last"
+    assert params.score_smoothing == 3
     assert (params.training.max_epochs, params.training.precision) == (2, "fp32")
     calibration = params.calibration
     assert (calibration.alpha, calibration.method, calibration.scope) == (0.01, "pot", "entity")
@@ -67,7 +69,8 @@ def test_train_model_choices_are_the_flow_detectors() -> None:
         _parser().parse_args(["train", "--model=random"])
     methods = TrainFlowParams.model_fields["scoring_method"].annotation
     assert SCORING_METHODS == list(get_args(methods))
-    assert _train_params(_parser().parse_args(["train"])).scoring_method == "recon_mean_norm"
+    defaults = _train_params(_parser().parse_args(["train"]))
+    assert (defaults.scoring_method, defaults.score_smoothing) == ("recon_mean_norm", 10)
 
 
 def test_train_options_left_out_keep_the_preset() -> None:

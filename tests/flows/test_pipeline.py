@@ -76,6 +76,7 @@ def _write_csv_parts(smd_folder: Path, out: Path, parts: int) -> list[Path]:
 def test_incremental_scoring_equals_one_backfill(
     atp_env: str, smd_folder: Path, tiny_training: TrainFlowParams, tmp_path: Path
 ) -> None:
+    assert tiny_training.score_smoothing > 1  # smoothed scores: chunks read the longer context
     parts = _write_csv_parts(smd_folder, tmp_path, parts=4)
     ingest_flow(str(parts[0]), kind="csv", contract="smd")
     ingest_flow(str(parts[1]), kind="csv", contract="smd")
