@@ -53,6 +53,37 @@ def _associations(q, k, sigma, rows, cols, col_ok, scale, L: tl.constexpr):
 
 
 @triton.jit
+def _keys_and_values(
+    K, V, b, h, skb, skh, skl, ske, svb, svh, svl, sve,
+    L: tl.constexpr, E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """One (batch, head)'s keys and values `(BLOCK_N, BLOCK_E)`, zero-padded, with the column and
+    head-dimension indices and their masks."""
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_E)
+    col_ok, dim_ok = cols < L, dims < E
+    key_mask = col_ok[:, None] & dim_ok[None, :]
+    k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + dims[None, :] * ske, key_mask, 0.0)
+    v = tl.load(V + b * svb + h * svh + cols[:, None] * svl + dims[None, :] * sve, key_mask, 0.0)
+    return cols, dims, col_ok, dim_ok, k, v
+
+
+@triton.jit
+def _query_rows(
+    Q, SIGMA, b, h, start, dims, dim_ok, sqb, sqh, sql, sqe, ssb, ssh, ssl,
+    L: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """The row block from ``start``: row indices, masks, queries `(BLOCK_M, BLOCK_E)`, sigma."""
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < L
+    row_mask = row_ok[:, None] & dim_ok[None, :]
+    q_at = Q + b * sqb + h * sqh + rows[:, None] * sql + dims[None, :] * sqe
+    q = tl.load(q_at, row_mask, 0.0)
+    sigma = tl.load(SIGMA + b * ssb + h * ssh + rows * ssl, row_ok, 1.0)
+    return rows, row_ok, row_mask, q, sigma
+
+
+@triton.jit
 def _anomaly_attention_fwd(
     Q, K, V, SIGMA, OUT, SERIES_SIDE, PRIOR_SIDE,
     sqb, sqh, sql, sqe, skb, skh, skl, ske, svb, svh, svl, sve,
@@ -62,19 +93,13 @@ def _anomaly_attention_fwd(
 ):  # fmt: skip
     pid = tl.program_id(0)
     b, h = pid // H, pid % H
-    cols = tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_E)
-    col_ok, dim_ok = cols < L, dims < E
-    key_mask = col_ok[:, None] & dim_ok[None, :]
-    k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + dims[None, :] * ske, key_mask, 0.0)
-    v = tl.load(V + b * svb + h * svh + cols[:, None] * svl + dims[None, :] * sve, key_mask, 0.0)
+    cols, dims, col_ok, dim_ok, k, v = _keys_and_values(
+        K, V, b, h, skb, skh, skl, ske, svb, svh, svl, sve, L, E, BLOCK_N, BLOCK_E
+    )
     for start in range(0, L, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < L
-        row_mask = row_ok[:, None] & dim_ok[None, :]
-        q_at = Q + b * sqb + h * sqh + rows[:, None] * sql + dims[None, :] * sqe
-        q = tl.load(q_at, row_mask, 0.0)
-        sigma = tl.load(SIGMA + b * ssb + h * ssh + rows * ssl, row_ok, 1.0)
+        rows, row_ok, row_mask, q, sigma = _query_rows(
+            Q, SIGMA, b, h, start, dims, dim_ok, sqb, sqh, sql, sqe, ssb, ssh, ssl, L, BLOCK_M
+        )
         series, prior, _ = _associations(q, k, sigma, rows, cols, col_ok, scale, L)
         heads = tl.dot(series.to(v.dtype), v, input_precision="ieee")
         out_at = OUT + b * sob + h * soh + rows[:, None] * sol + dims[None, :] * soe
@@ -96,21 +121,15 @@ def _anomaly_attention_bwd(
 ):  # fmt: skip
     pid = tl.program_id(0)
     b, h = pid // H, pid % H
-    cols = tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_E)
-    col_ok, dim_ok = cols < L, dims < E
-    key_mask = col_ok[:, None] & dim_ok[None, :]
-    k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + dims[None, :] * ske, key_mask, 0.0)
-    v = tl.load(V + b * svb + h * svh + cols[:, None] * svl + dims[None, :] * sve, key_mask, 0.0)
+    cols, dims, col_ok, dim_ok, k, v = _keys_and_values(
+        K, V, b, h, skb, skh, skl, ske, svb, svh, svl, sve, L, E, BLOCK_N, BLOCK_E
+    )
     dk = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
     for start in range(0, L, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < L
-        row_mask = row_ok[:, None] & dim_ok[None, :]
-        q_at = Q + b * sqb + h * sqh + rows[:, None] * sql + dims[None, :] * sqe
-        q = tl.load(q_at, row_mask, 0.0)
-        sigma = tl.load(SIGMA + b * ssb + h * ssh + rows * ssl, row_ok, 1.0)
+        rows, row_ok, row_mask, q, sigma = _query_rows(
+            Q, SIGMA, b, h, start, dims, dim_ok, sqb, sqh, sql, sqe, ssb, ssh, ssl, L, BLOCK_M
+        )
         d_out_at = D_OUT + b * sdb + h * sdh + rows[:, None] * sdl + dims[None, :] * sde
         d_out = tl.load(d_out_at, row_mask, 0.0)
         row_at = (b * H + h) * L + rows
@@ -137,6 +156,7 @@ def _anomaly_attention_bwd(
         tl.store(D_SIGMA + row_at, d_sigma, row_ok)
     # dq, dk and dv are allocated alike (the strides of DQ).
     key_at = b * sgb + h * sgh + cols[:, None] * sgl + dims[None, :] * sge
+    key_mask = col_ok[:, None] & dim_ok[None, :]
     tl.store(DK + key_at, (dk * scale).to(DK.dtype.element_ty), key_mask)
     tl.store(DV + key_at, dv.to(DV.dtype.element_ty), key_mask)
 
