@@ -7,7 +7,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from model.config import ModelConfig, TrainConfig
+from model.config import (
+    DEFAULT_SCORE_SMOOTHING,
+    DEFAULT_SCORING_METHOD,
+    ModelConfig,
+    TrainConfig,
+)
 from model.device import accelerated, resolve_device
 
 
@@ -101,7 +106,7 @@ class TrainFlowParams(BaseModel):
     source: str = "smd"
     train_end: datetime | None = None
     scoring_method: ScoringMethod = Field(
-        "recon_mean_norm",
+        DEFAULT_SCORING_METHOD,
         description=(
             "recon_mean_norm: error averaged over the windows holding a point, each sensor's "
             "divided by its mean on the validation tail; recon_mean: without that division; "
@@ -109,7 +114,7 @@ class TrainFlowParams(BaseModel):
         ),
     )
     score_smoothing: int = Field(
-        10,
+        DEFAULT_SCORE_SMOOTHING,
         ge=1,
         description=(
             "the Anomaly Transformer's score of a point is the mean of the scores of the "

@@ -13,8 +13,10 @@ one streaming pass.
 Detectors with a seed (``random``, ``anomaly_transformer``, any baseline whose constructor takes
 ``seed``) run once per seed; deterministic ones run once. The Anomaly Transformer is trained per
 entity (``AT_MODEL``, ``AT_TRAINING``: a small model, few epochs) with the validation tail for
-early stopping; its honest score is ``recon_last`` and its reference score the paper's
-``reference`` (train and test scored apart).
+early stopping; its honest score is the pipeline's default (``DEFAULT_SCORING_METHOD``, with its
+sensor scales from the validation tail, smoothed over ``DEFAULT_SCORE_SMOOTHING`` rows, through
+``Checkpoint.score`` as the pipeline scores) and its reference score the paper's ``reference``
+(train and test scored apart).
 """
 
 from __future__ import annotations
@@ -32,13 +34,20 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from model.baselines import DETECTORS, make_detector
-from model.config import ModelConfig, TrainConfig
+from model.checkpoint import Checkpoint
+from model.config import (
+    DEFAULT_SCORE_SMOOTHING,
+    DEFAULT_SCORING_METHOD,
+    ModelConfig,
+    TrainConfig,
+)
 from model.metrics import auc_pr, auroc, pa_f1, point_metrics, vus_pr
 from model.scaling import Scaler
 from model.scoring import score_series
 from model.thresholds import conformal_threshold, leaky_reference_threshold
 from model.train import fit
 from tasks.benchmark_entities import MIN_FIT_ROWS, Entity, select_entities
+from tasks.fit import tail_sensor_scales
 from tasks.registry import configure_tracking
 from tasks.settings import Settings
 
@@ -58,6 +67,7 @@ METRICS = (
     "reference_pa_f1", "reference_f1",
 )  # fmt: skip
 EXPERIMENT = "atp-benchmark"
+ENTITY = "entity"  # the one entity of a per-entity checkpoint
 
 
 @dataclass(frozen=True)
@@ -90,7 +100,19 @@ def transformer_scores(
     )
     tail = values[n_fit:n_train]
     model = fit(cfg, train_cfg, [values[:n_fit]], [tail] if len(tail) >= cfg.win_size else []).model
-    honest = score_series(model, values, "recon_last", batch_size=1024).scores
+    method = DEFAULT_SCORING_METHOD
+    if n_train > n_fit:  # the validation tail, led by up to win_size - 1 fit rows of context
+        begin = max(0, n_fit - (cfg.win_size - 1))
+        scales = tail_sensor_scales(model, values[begin:n_train], n_fit - begin, method)
+    else:
+        scales = tail_sensor_scales(model, values[:n_fit], 0, method)
+    extras = {
+        "scoring_method": method,
+        "score_smoothing": DEFAULT_SCORE_SMOOTHING,
+        "sensor_scales": {ENTITY: scales},
+    }
+    checkpoint = Checkpoint(model.eval(), cfg, extras)
+    honest = checkpoint.score(values, entity=ENTITY, batch_size=1024).scores
     parts = (values[:n_train], values[n_train:])
     reference = [score_series(model, part, "reference", batch_size=1024).scores for part in parts]
     return honest, np.concatenate(reference)

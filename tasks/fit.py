@@ -53,15 +53,22 @@ def sensor_scales(
 ) -> dict[str, list[float]]:
     """Per entity, each sensor's mean error by ``method``'s base on its validation tail (with the
     fit part as context; on the fit part where there is no tail): the divisors of ``method``."""
-    base, context_rows = SENSOR_NORMALISED[method], model.cfg.win_size - 1
     scales = {}
     for entity in dataset.entities:
-        values, skip = dataset.tail_with_context(entity, context_rows)
+        values, skip = dataset.tail_with_context(entity, model.cfg.win_size - 1)
         if len(values) == skip:  # no tail
             values = dataset.load(entity)[0]
-        errors = score_series(model, values, base, skip=skip).contributions
-        scales[entity] = sensor_error_scales(errors).tolist()
+        scales[entity] = tail_sensor_scales(model, values, skip, method)
     return scales
+
+
+def tail_sensor_scales(
+    model: AnomalyTransformer, values: np.ndarray, skip: int, method: str
+) -> list[float]:
+    """Each sensor's mean error by ``method``'s base over ``values[skip:]`` (``values[:skip]``:
+    context): the divisors of a ``SENSOR_NORMALISED`` method."""
+    errors = score_series(model, values, SENSOR_NORMALISED[method], skip=skip).contributions
+    return sensor_error_scales(errors).tolist()
 
 
 AT = "anomaly_transformer"
