@@ -73,12 +73,13 @@ def mlflow_uri(tmp_path: Path, mlflow_template: Path) -> str:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database ``atp_test_<random>``, dropped afterwards.
+    """A fresh PostgreSQL database ``atp_test_<worker>_<random>``, dropped afterwards.
 
     Fails (never skips) when the server is unreachable: postgres tests must run in CI. A test that
     uses it directly marks itself ``@pytest.mark.postgres``; ``warehouse_url`` does so itself.
     """
-    name = f"atp_test_{secrets.token_hex(6)}"
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")  # gw0, gw1, ... under pytest-xdist
+    name = f"atp_test_{worker}_{secrets.token_hex(6)}"
     admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
