@@ -30,7 +30,13 @@ import sqlalchemy as sa
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
 from data_contracts import load_contract
-from flows.params import CalibrationParams, ModelParams, TrainFlowParams, TrainingParams
+from flows.params import (
+    CalibrationParams,
+    GateParams,
+    ModelParams,
+    TrainFlowParams,
+    TrainingParams,
+)
 from tasks.load import ingest_smd
 from tasks.warehouse import upsert_readings
 from tests.infra.support import (
@@ -57,6 +63,7 @@ TINY = TrainFlowParams(
     model=ModelParams(win_size=20, d_model=16, n_heads=2, e_layers=1, d_ff=16),
     training=TrainingParams(max_epochs=1, max_steps=5, batch_size=32, stride=4, lr=1e-3),
     calibration=CalibrationParams(alpha=0.05),
+    gate=GateParams(force=True),  # a 5-step model: the champion this test needs, not the gate's
     promote=True,
 )
 DEPLOY = ["deploy", "--prefect-file", "infra/prefect.yaml", "--name", "score", "--interval"]
