@@ -20,26 +20,12 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from flows.params import (
-    CalibrationParams,
-    GateParams,
-    ModelParams,
-    TrainFlowParams,
-    TrainingParams,
-)
 from tasks.publish import TrainingSummary
 from tests.infra.support import free_port, start, wait_healthy
-from tests.infra.test_production_form import write_smd
+from tests.infra.test_production_form import TINY, write_smd
 
 BIN = Path(sys.executable).parent
 MODEL = "ui-model"
-TINY = TrainFlowParams(
-    model=ModelParams(win_size=20, d_model=16, n_heads=2, e_layers=1, d_ff=16),
-    training=TrainingParams(max_epochs=1, max_steps=5, batch_size=32, stride=4, lr=1e-3),
-    calibration=CalibrationParams(alpha=0.05),
-    gate=GateParams(force=True),  # a 5-step model: the champion this test needs, not the gate's
-    promote=True,
-)
 WAIT_MS = 60_000  # the UI's first load fetches a 4 MB bundle; a loaded machine is slow
 INSTALL_HINT = (
     "Chromium not found on PATH. The MLflow UI test drives Debian's chromium package: "
