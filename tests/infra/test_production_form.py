@@ -296,7 +296,7 @@ def test_scheduled_scoring_runs_on_a_worker_against_the_servers(
         wait_for_runs(platform, worker, completed=2, timeout=60)
         pause_and_drain(platform, worker)
     finally:
-        worker.stop()
+        worker.stop(timeout=60)  # it drains its runner first: slow on a loaded 2-core machine
     runs = scheduled_runs(platform)
     assert {r["state_type"] for r in runs} == {"COMPLETED"}
     facts = warehouse_facts(admin_url)
