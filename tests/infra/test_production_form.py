@@ -59,6 +59,7 @@ MACHINES = ("machine-8-1", "machine-8-2")
 TRAIN_ROWS, TEST_ROWS, NEW_ROWS = 500, 200, 40
 MODEL = "prod-form-model"
 INTERVAL_S = 5
+WORKER_QUERY_S = 2  # how often the worker polls for runs to start
 TINY = TrainFlowParams(
     model=ModelParams(win_size=20, d_model=16, n_heads=2, e_layers=1, d_ff=16),
     training=TrainingParams(max_epochs=1, max_steps=5, batch_size=32, stride=4, lr=1e-3),
@@ -134,7 +135,7 @@ def client_env(platform: Platform, warehouse_url: str, home: Path) -> dict[str, 
         "PREFECT_API_URL": platform.prefect_api,
         "PREFECT_API_AUTH_STRING": ":".join(platform.prefect_auth),
         "PREFECT_HOME": str(home / "prefect-client"),
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_WORKER_QUERY_SECONDS": str(WORKER_QUERY_S),
         "ATP_PROJECT_DIR": str(REPO),
         "MLFLOW_TRACKING_URI": platform.mlflow_uri,
         "ATP_HOME": str(home / "atp"),
@@ -237,6 +238,9 @@ def pause_and_drain(platform: Platform, worker: Service, timeout: float = 60) ->
     deployment = runs[0]["deployment_id"]
     url = f"{platform.prefect_api}/deployments/{deployment}/pause_deployment"
     httpx.post(url, auth=platform.prefect_auth).raise_for_status()
+    # A run's process outlives its COMPLETED state by a moment (a SIGTERM then can hang the
+    # worker), and a run fetched just before the pause turns PENDING at the worker's next poll.
+    time.sleep(2 * WORKER_QUERY_S + 1)
     deadline = time.monotonic() + timeout
     while any(r["state_type"] in ("PENDING", "RUNNING") for r in scheduled_runs(platform)):
         assert time.monotonic() < deadline, f"runs still in flight; worker log:\n{worker.tail(60)}"
@@ -296,7 +300,7 @@ def test_scheduled_scoring_runs_on_a_worker_against_the_servers(
         wait_for_runs(platform, worker, completed=2, timeout=60)
         pause_and_drain(platform, worker)
     finally:
-        worker.stop(timeout=60)  # it drains its runner first: slow on a loaded 2-core machine
+        worker.stop()
     runs = scheduled_runs(platform)
     assert {r["state_type"] for r in runs} == {"COMPLETED"}
     facts = warehouse_facts(admin_url)
