@@ -28,8 +28,8 @@ from tasks.warehouse import ensure_schema, get_engine, readings_table, upsert_re
 from tests.faults.fault_workers import SMD, T0, readings, save_tiny_checkpoint
 
 ENTITIES = tuple(f"machine-{i}" for i in range(1, 6))
-ROWS = 120
-CHUNK_ROWS = 20  # six transactions per entity, so that partitions' writes interleave
+ROWS = 240
+CHUNK_ROWS = 20  # twelve transactions per entity, so that partitions' writes interleave
 TABLES = (anomaly_scores, scoring_watermarks, anomaly_events, drift_flags)
 WRITE_TIMES = {"run_id", "scored_at", "updated_at", "checked_at"}
 

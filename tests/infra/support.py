@@ -98,7 +98,12 @@ def start(name: str, command: list[str], env: dict[str, str], logs: Path) -> Ser
     log = logs / f"{name}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,  # not the test process's (under xdist: its channel to pytest)
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     return Service(name, process, log)
 
