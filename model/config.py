@@ -7,12 +7,12 @@ from typing import Any, Literal
 
 Precision = Literal["fp32", "bf16"]
 MinimaxMode = Literal["surrogate", "two_backward"]
+AttentionMode = Literal["plain", "fused"]
 
 # The pipeline's default score (``model.scoring``) and its smoothing, chosen on the shared SMD
 # machines (docs/at_smd.md): recon_mean with per-sensor division, averaged over 10 rows.
 DEFAULT_SCORING_METHOD = "recon_mean_norm"
 DEFAULT_SCORE_SMOOTHING = 10
-AttentionMode = Literal["plain", "fused"]
 
 
 def _require(ok: bool, name: str, value: object, allowed: str) -> None:
