@@ -48,7 +48,7 @@ from bench.baselines_smd import ALPHA, FIT_SHARE, load_machine, machines
 from model.config import ModelConfig, TrainConfig
 from model.metrics import auc_pr, auroc, vus_pr
 from model.scaling import Scaler
-from model.scoring import score_series
+from model.scoring import score_series, trailing_mean
 from model.thresholds import conformal_threshold
 from model.train import fit
 
@@ -74,14 +74,6 @@ def _errors(model: torch.nn.Module, rows: np.ndarray, method: str, win: int) -> 
     return score_series(model, rows, method).contributions.astype(np.float64)[win - 1 :]
 
 
-def trailing_mean(values: np.ndarray, width: int) -> np.ndarray:
-    """Mean of the ``width`` values ending at each point (fewer at the start)."""
-    sums = np.cumsum(np.concatenate([[0.0], values]))
-    ends = np.arange(1, len(values) + 1)
-    starts = np.maximum(ends - width, 0)
-    return (sums[ends] - sums[starts]) / (ends - starts)
-
-
 def variant_scores(last: np.ndarray, mean: np.ndarray, tail: slice) -> dict[str, np.ndarray]:
     """Each variant's score per point from the per-sensor errors; ``tail`` indexes the val tail."""
     scale_last = last[tail].mean(axis=0) + 1e-12
@@ -104,7 +96,7 @@ def variant_scores(last: np.ndarray, mean: np.ndarray, tail: slice) -> dict[str,
 def with_smoothing(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``scores`` plus the trailing means of the ``SMOOTHED`` variants."""
     smoothed = {
-        f"{base}_ma{width}": trailing_mean(scores[base], width)
+        f"{base}_ma{width}": trailing_mean(scores[base][:, None], width)[:, 0]
         for base in SMOOTHED
         for width in SMOOTHING
     }
