@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from html import escape
 from pathlib import Path
 
@@ -198,6 +199,37 @@ def test_validation_writes_nothing_back() -> None:
     before = frame.copy()
     report_of(frame.assign(ts=frame["ts"].dt.tz_localize("UTC")))
     pd.testing.assert_frame_equal(frame, before)
+
+
+PASSED = ("passed",)
+
+
+def verdict(frame: pd.DataFrame, contract: Contract = SMALL) -> tuple[str, ...]:
+    """A run's outcome: ``PASSED``, or its report without the Data Docs line."""
+    try:
+        validate_readings(frame, contract, source=SOURCE)
+    except DataContractError as error:
+        return tuple(error.report.splitlines()[:-1])
+    return PASSED
+
+
+def test_verdicts_do_not_depend_on_other_runs() -> None:
+    """No state leaks between runs: in turn, between contracts, or across threads at once."""
+    good, bad = readings(), _set(5, "m03", 1e6)(readings())
+    failed = verdict(bad)
+    assert failed == (
+        f"data contract smd v1 broken by {SOURCE}: 1 rule(s) failed out of 28 checked",
+        "- expect_column_values_to_be_between [m03]: values outside [-1.0, 2.0]: 1; "
+        "e.g. ('m-1', 2020-01-01 00:05:00, 1000000.0)",
+    )
+    assert [verdict(good), verdict(bad), verdict(good)] == [PASSED, failed, PASSED]
+    # same name and version, one rule apart: each run follows the contract it is given
+    m03 = dataclasses.replace(SMALL.sensors[2], max=1e7)
+    wider = dataclasses.replace(SMALL, sensors=(*SMALL.sensors[:2], m03))
+    assert [verdict(bad, wider), verdict(bad), verdict(bad, wider)] == [PASSED, failed, PASSED]
+    with ThreadPoolExecutor(4) as pool:
+        verdicts = list(pool.map(verdict, [good, bad] * 4))
+    assert verdicts == [PASSED, failed] * 4
 
 
 # --- coerce_readings: source names and text timestamps to the warehouse form --------------------
