@@ -98,6 +98,7 @@ def with_smoothing(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     smoothed = {
         f"{base}_ma{width}": trailing_mean(scores[base][:, None], width)[:, 0]
         for base in SMOOTHED
+        if base in scores
         for width in SMOOTHING
     }
     return {**scores, **smoothed}
@@ -204,7 +205,7 @@ def entity_rows(
             row = metrics(values, part.tail, part.test, part.labels)
             out.append({"machine": name, "variant": variant, "seed": seed, **row, **extra})
     if len(per_seed) > 1:
-        for variant in VARIANTS:
+        for variant in next(iter(per_seed.values())):
             normed = [s[variant] / _tail_level(s[variant][part.tail]) for s in per_seed.values()]
             row = metrics(np.mean(normed, axis=0), part.tail, part.test, part.labels)
             out.append({"machine": name, "variant": f"{variant}_ens", "seed": -1, **row, **extra})
@@ -235,7 +236,8 @@ def run_global(parts: dict[str, Prepared], args: argparse.Namespace) -> list[dic
         seconds = time.perf_counter() - started
         print(f"global seed {seed}: {seconds:.0f} s, {epochs} epochs", flush=True)
         if args.scores_out:
-            save_scores(args.scores_out / f"scores_seed{seed}.npz", per_entity, seed)
+            path = args.scores_out / f"scores_seed{seed}.npz"
+            save_scores(path, per_entity, seed, args.save_variants)
     if args.scores_out:  # metrics later, off the GPU machine: --from-scores
         return []
     extra = _extra(args, seconds / len(parts), epochs)
@@ -249,14 +251,14 @@ def run_global(parts: dict[str, Prepared], args: argparse.Namespace) -> list[dic
 PerEntity = dict[str, dict[int, dict[str, np.ndarray]]]  # entity -> seed -> variant -> scores
 
 
-def save_scores(path: Path, per_entity: PerEntity, seed: int) -> None:
-    """One seed's unsmoothed variant scores of every entity, as ``<entity>/<variant>`` arrays."""
+def save_scores(path: Path, per_entity: PerEntity, seed: int, variants: list[str]) -> None:
+    """One seed's ``variants`` scores of every entity, as ``<entity>/<variant>`` arrays."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {
         f"{name}/{variant}": values.astype(np.float32)
         for name, by_seed in per_entity.items()
         for variant, values in by_seed[seed].items()
-        if variant not in SMOOTHED_NAMES
+        if variant in variants
     }
     np.savez_compressed(path, **arrays)
 
@@ -347,6 +349,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps (smoke test)")
     parser.add_argument("--scores-out", type=Path, help="save scores, skip metrics (global)")
+    parser.add_argument(
+        "--save-variants",
+        nargs="+",
+        choices=[v for v in VARIANTS if v not in SMOOTHED_NAMES],
+        default=[v for v in VARIANTS if v not in SMOOTHED_NAMES],
+        help="unsmoothed variants --scores-out keeps (smoothing is recomputed from them)",
+    )
     parser.add_argument("--from-scores", type=Path, nargs="+", help="metrics of saved scores")
     parser.add_argument("--save-errors", type=Path, help="folder for per-sensor errors (global)")
     parser.add_argument("--out", type=Path, help="folder for at_smd.csv (appended per entity)")
