@@ -1,15 +1,22 @@
 """Fused anomaly attention: series softmax, Gaussian prior and symmetric-KL rows on chip (Triton).
 
-One Triton program per (batch, head) keeps every key of the window on chip (``L <= 128``, padded to
-a power of two) and walks the query rows in blocks. The forward pass returns the attention output
-and the per-row discrepancy ``sum_j (s_j - p_j) (log(s_j + eps) - log(p_j + eps))`` (the symmetric
-KL of ``model.losses``); nothing of size ``L x L`` is stored: the backward pass recomputes scores,
-softmax and prior from ``q``, ``k`` and ``sigma``, as flash attention does. Softmax, prior and KL
-are float32; ``q``, ``k`` and ``v`` may be bf16.
+Every program keeps a whole block of the ``L x L`` association matrix on chip (``L <= 128``,
+padded to a power of two); nothing of size ``L x L`` is stored. Three kernels, flash-attention-2
+style:
 
-The discrepancy comes out twice with the same value, so that the minimax algebra of
-``model.losses`` works on rows: ``series_side`` sends its gradient to ``q`` and ``k`` only (the
-prior is held fixed), ``prior_side`` to ``sigma`` only (the series is held fixed).
+* forward, one program per block of query rows against every key: the attention output, the
+  per-row discrepancy ``sum_j (s_j - p_j) (log(s_j + eps) - log(p_j + eps))`` (the symmetric KL
+  of ``model.losses``) and two row statistics for backward, the softmax's log-sum-exp and the
+  log of the prior's normaliser;
+* backward dq, one program per block of query rows against every key: dq, dsigma and each row's
+  ``delta = sum_j s_j ds_j`` (the softmax backward's row term);
+* backward dk/dv, one program per block of keys walking every query row: dk and dv, without
+  atomics, from the saved statistics and ``delta``.
+
+Softmax, prior and KL are float32; ``q``, ``k`` and ``v`` may be bf16. The discrepancy comes out
+twice with the same value, so that the minimax algebra of ``model.losses`` works on rows:
+``series_side`` sends its gradient to ``q`` and ``k`` only (the prior is held fixed),
+``prior_side`` to ``sigma`` only (the series is held fixed).
 
 The kernels are ``torch.library`` custom operators with fake (meta) implementations and a
 registered backward, so ``torch.compile`` (with CUDA graphs) traces through them. This module
@@ -19,6 +26,8 @@ set before this import the kernels run on CPU tensors in Triton's interpreter (t
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -27,138 +36,204 @@ from model.losses import KL_EPS
 
 MAX_WINDOW = 128
 MAX_HEAD_DIM = 256
-# Fastest of the measured configurations on an H200 at B=256, H=8, L=100, E=64, bf16 (forward +
-# backward 1.61 ms; 32 rows with 4 warps 2.50 ms): bench.check_fused, docs/performance.md.
-DEFAULT_BLOCK_M = 32
-DEFAULT_NUM_WARPS = 8
+BLOCK_SIZES = (16, 32, 64, 128)
+WARP_COUNTS = (1, 2, 4, 8, 16)
+
+
+class KernelConfig(NamedTuple):
+    """Block sizes (query rows or keys per program or step) and warps of the three kernels."""
+
+    fwd_rows: int
+    fwd_warps: int
+    dq_rows: int
+    dq_warps: int
+    kv_keys: int  # keys per dk/dv program
+    kv_rows: int  # query rows per step of a dk/dv program
+    kv_warps: int
+
+
+# What bench.check_fused sweeps on the GPU; the default is its first entry (not yet measured:
+# docs/performance.md).
+CANDIDATE_CONFIGS = (
+    KernelConfig(32, 4, 32, 8, 32, 32, 4),
+    KernelConfig(32, 4, 32, 4, 32, 32, 4),
+    KernelConfig(32, 4, 16, 4, 64, 32, 4),
+    KernelConfig(16, 2, 16, 2, 16, 32, 2),
+    KernelConfig(64, 4, 32, 8, 64, 16, 4),
+    KernelConfig(64, 8, 64, 8, 64, 64, 8),
+    KernelConfig(32, 8, 32, 8, 32, 64, 4),
+    KernelConfig(128, 8, 16, 4, 128, 32, 8),
+)
+DEFAULT_CONFIG = CANDIDATE_CONFIGS[0]
 
 
 @triton.jit
-def _associations(q, k, sigma, rows, cols, col_ok, scale, L: tl.constexpr):
-    """Series softmax and row-normalised Gaussian prior of one row block, `(BLOCK_M, BLOCK_N)`.
-
-    Padded rows (``rows >= L``) take the last row's distances, so that no Gaussian row is all
-    zero (a NaN prior); their results are never stored.
-    """
-    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-    scores = tl.where(col_ok[None, :], scores, float("-inf"))
-    exp_scores = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-    series = exp_scores / tl.sum(exp_scores, axis=1)[:, None]
-    distance = (tl.minimum(rows, L - 1)[:, None] - cols[None, :]).to(tl.float32)
-    inverse_variance = 1.0 / (sigma * sigma)
-    gaussian = tl.exp(-0.5 * distance * distance * inverse_variance[:, None])
-    gaussian = tl.where(col_ok[None, :], gaussian, 0.0)
-    prior = gaussian / tl.sum(gaussian, axis=1)[:, None]
-    return series, prior, distance
+def _program(L: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's (batch x head) index and the first row (or key) of its block."""
+    n_blocks: tl.constexpr = (L + BLOCK - 1) // BLOCK
+    pid = tl.program_id(0)
+    return pid // n_blocks, (pid % n_blocks) * BLOCK
 
 
 @triton.jit
-def _keys_and_values(
-    K, V, b, h, skb, skh, skl, ske, svb, svh, svl, sve,
-    L: tl.constexpr, E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-):  # fmt: skip
-    """One (batch, head)'s keys and values `(BLOCK_N, BLOCK_E)`, zero-padded, with the column and
-    head-dimension indices and their masks."""
-    cols = tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_E)
-    col_ok, dim_ok = cols < L, dims < E
-    key_mask = col_ok[:, None] & dim_ok[None, :]
-    k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + dims[None, :] * ske, key_mask, 0.0)
-    v = tl.load(V + b * svb + h * svh + cols[:, None] * svl + dims[None, :] * sve, key_mask, 0.0)
-    return cols, dims, col_ok, dim_ok, k, v
+def _at(PTR, b, h, sb, sh, sl, se, index, index_ok, dims, dim_ok):
+    """Addresses and mask of rows ``index`` of one (batch, head)'s `(L, E)` matrix."""
+    at = PTR + b * sb + h * sh + index[:, None] * sl + dims[None, :] * se
+    return at, index_ok[:, None] & dim_ok[None, :]
 
 
 @triton.jit
-def _query_rows(
-    Q, SIGMA, b, h, start, dims, dim_ok, sqb, sqh, sql, sqe, ssb, ssh, ssl,
-    L: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
-    """The row block from ``start``: row indices, masks, queries `(BLOCK_M, BLOCK_E)`, sigma."""
-    rows = start + tl.arange(0, BLOCK_M)
-    row_ok = rows < L
-    row_mask = row_ok[:, None] & dim_ok[None, :]
-    q_at = Q + b * sqb + h * sqh + rows[:, None] * sql + dims[None, :] * sqe
-    q = tl.load(q_at, row_mask, 0.0)
-    sigma = tl.load(SIGMA + b * ssb + h * ssh + rows * ssl, row_ok, 1.0)
-    return rows, row_ok, row_mask, q, sigma
+def _load(PTR, b, h, sb, sh, sl, se, index, index_ok, dims, dim_ok):
+    at, mask = _at(PTR, b, h, sb, sh, sl, se, index, index_ok, dims, dim_ok)
+    return tl.load(at, mask, 0.0)
 
 
 @triton.jit
-def _anomaly_attention_fwd(
-    Q, K, V, SIGMA, OUT, SERIES_SIDE, PRIOR_SIDE,
+def _store(PTR, value, b, h, sb, sh, sl, se, index, index_ok, dims, dim_ok):
+    at, mask = _at(PTR, b, h, sb, sh, sl, se, index, index_ok, dims, dim_ok)
+    tl.store(at, value.to(PTR.dtype.element_ty), mask)
+
+
+@triton.jit
+def _half_square_distance(rows, cols):
+    distance = (rows - cols).to(tl.float32)
+    return -0.5 * distance * distance
+
+
+@triton.jit
+def _series_gradient(series, prior, d_product, g_series, eps):
+    """d(loss)/d(series) of a tile: the series side's KL term (prior fixed) plus ``d_product``,
+    the attention output's term; also ``log(s + eps) - log(p + eps)`` and ``s - p``."""
+    log_ratio = tl.log(series + eps) - tl.log(prior + eps)
+    difference = series - prior
+    return g_series * (log_ratio + difference / (series + eps)) + d_product, log_ratio, difference
+
+
+@triton.jit
+def _attention_fwd(
+    Q, K, V, SIGMA, OUT, SERIES_SIDE, PRIOR_SIDE, LOG_SUM_EXP, LOG_NORM,
     sqb, sqh, sql, sqe, skb, skh, skl, ske, svb, svh, svl, sve,
     ssb, ssh, ssl, sob, soh, sol, soe,
     H, scale, eps, L: tl.constexpr, E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    b, h = pid // H, pid % H
-    cols, dims, col_ok, dim_ok, k, v = _keys_and_values(
-        K, V, b, h, skb, skh, skl, ske, svb, svh, svl, sve, L, E, BLOCK_N, BLOCK_E
-    )
-    for start in range(0, L, BLOCK_M):
-        rows, row_ok, row_mask, q, sigma = _query_rows(
-            Q, SIGMA, b, h, start, dims, dim_ok, sqb, sqh, sql, sqe, ssb, ssh, ssl, L, BLOCK_M
-        )
-        series, prior, _ = _associations(q, k, sigma, rows, cols, col_ok, scale, L)
-        heads = tl.dot(series.to(v.dtype), v, input_precision="ieee")
-        out_at = OUT + b * sob + h * soh + rows[:, None] * sol + dims[None, :] * soe
-        tl.store(out_at, heads.to(OUT.dtype.element_ty), row_mask)
-        log_ratio = tl.log(series + eps) - tl.log(prior + eps)
-        discrepancy = tl.sum((series - prior) * log_ratio, axis=1)
-        row_at = (b * H + h) * L + rows
-        tl.store(SERIES_SIDE + row_at, discrepancy, row_ok)
-        tl.store(PRIOR_SIDE + row_at, discrepancy, row_ok)
+    bh, start = _program(L, BLOCK_M)
+    b, h = bh // H, bh % H
+    rows, cols, dims = start + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_E)
+    row_ok, col_ok, dim_ok = rows < L, cols < L, dims < E
+    q = _load(Q, b, h, sqb, sqh, sql, sqe, rows, row_ok, dims, dim_ok)
+    k = _load(K, b, h, skb, skh, skl, ske, cols, col_ok, dims, dim_ok)
+    v = _load(V, b, h, svb, svh, svl, sve, cols, col_ok, dims, dim_ok)
+    sigma = tl.load(SIGMA + b * ssb + h * ssh + rows * ssl, row_ok, 1.0)
+    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    scores = tl.where(col_ok[None, :], scores, float("-inf"))
+    top = tl.max(scores, axis=1)
+    exp_scores = tl.exp(scores - top[:, None])
+    total = tl.sum(exp_scores, axis=1)
+    series = exp_scores / total[:, None]
+    # Padded rows take the last row's distances: no all-zero Gaussian row (a NaN prior).
+    half_square = _half_square_distance(tl.minimum(rows, L - 1)[:, None], cols[None, :])
+    gaussian = tl.exp(half_square * (1.0 / (sigma * sigma))[:, None])
+    gaussian = tl.where(col_ok[None, :], gaussian, 0.0)
+    norm = tl.sum(gaussian, axis=1)
+    prior = gaussian / norm[:, None]
+    heads = tl.dot(series.to(v.dtype), v, input_precision="ieee")
+    _store(OUT, heads, b, h, sob, soh, sol, soe, rows, row_ok, dims, dim_ok)
+    log_ratio = tl.log(series + eps) - tl.log(prior + eps)
+    discrepancy = tl.sum((series - prior) * log_ratio, axis=1)
+    row_at = bh * L + rows
+    tl.store(SERIES_SIDE + row_at, discrepancy, row_ok)
+    tl.store(PRIOR_SIDE + row_at, discrepancy, row_ok)
+    tl.store(LOG_SUM_EXP + row_at, top + tl.log(total), row_ok)
+    tl.store(LOG_NORM + row_at, tl.log(norm), row_ok)
 
 
 @triton.jit
-def _anomaly_attention_bwd(
-    Q, K, V, SIGMA, D_OUT, D_SERIES_SIDE, D_PRIOR_SIDE, DQ, DK, DV, D_SIGMA,
+def _attention_bwd_dq(
+    Q, K, V, SIGMA, D_OUT, G_SERIES, G_PRIOR, LOG_SUM_EXP, LOG_NORM, DQ, D_SIGMA, DELTA,
     sqb, sqh, sql, sqe, skb, skh, skl, ske, svb, svh, svl, sve,
     ssb, ssh, ssl, sdb, sdh, sdl, sde, sgb, sgh, sgl, sge,
     H, scale, eps, L: tl.constexpr, E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    b, h = pid // H, pid % H
-    cols, dims, col_ok, dim_ok, k, v = _keys_and_values(
-        K, V, b, h, skb, skh, skl, ske, svb, svh, svl, sve, L, E, BLOCK_N, BLOCK_E
+    bh, start = _program(L, BLOCK_M)
+    b, h = bh // H, bh % H
+    rows, cols, dims = start + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_E)
+    row_ok, col_ok, dim_ok = rows < L, cols < L, dims < E
+    q = _load(Q, b, h, sqb, sqh, sql, sqe, rows, row_ok, dims, dim_ok)
+    k = _load(K, b, h, skb, skh, skl, ske, cols, col_ok, dims, dim_ok)
+    v = _load(V, b, h, svb, svh, svl, sve, cols, col_ok, dims, dim_ok)
+    d_out = _load(D_OUT, b, h, sdb, sdh, sdl, sde, rows, row_ok, dims, dim_ok)
+    sigma = tl.load(SIGMA + b * ssb + h * ssh + rows * ssl, row_ok, 1.0)
+    row_at = bh * L + rows
+    g_series = tl.load(G_SERIES + row_at, row_ok, 0.0)
+    g_prior = tl.load(G_PRIOR + row_at, row_ok, 0.0)
+    log_sum_exp = tl.load(LOG_SUM_EXP + row_at, row_ok, 0.0)
+    log_norm = tl.load(LOG_NORM + row_at, row_ok, 0.0)
+    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    series = tl.where(col_ok[None, :], tl.exp(scores - log_sum_exp[:, None]), 0.0)
+    half_square = _half_square_distance(rows[:, None], cols[None, :])
+    inverse_variance = 1.0 / (sigma * sigma)
+    prior = tl.exp(half_square * inverse_variance[:, None] - log_norm[:, None])
+    prior = tl.where(col_ok[None, :], prior, 0.0)
+    d_product = tl.dot(d_out, tl.trans(v), input_precision="ieee")
+    d_series, log_ratio, difference = _series_gradient(
+        series, prior, d_product, g_series[:, None], eps
     )
+    delta = tl.sum(series * d_series, axis=1)
+    tl.store(DELTA + row_at, delta, row_ok)
+    d_scores = (series * (d_series - delta[:, None])).to(k.dtype)
+    dq = tl.dot(d_scores, k, input_precision="ieee") * scale
+    _store(DQ, dq, b, h, sgb, sgh, sgl, sge, rows, row_ok, dims, dim_ok)
+    # Prior side: d/dp (series fixed), through the row normalisation, to 1 / sigma^2.
+    d_prior = -g_prior[:, None] * (log_ratio + difference / (prior + eps))
+    centred = d_prior - tl.sum(prior * d_prior, axis=1)[:, None]
+    d_inverse_variance = tl.sum(prior * half_square * centred, axis=1)
+    tl.store(D_SIGMA + row_at, -2.0 * d_inverse_variance / (sigma * sigma * sigma), row_ok)
+
+
+@triton.jit
+def _attention_bwd_dkdv(
+    Q, K, V, SIGMA, D_OUT, G_SERIES, LOG_SUM_EXP, LOG_NORM, DELTA, DK, DV,
+    sqb, sqh, sql, sqe, skb, skh, skl, ske, svb, svh, svl, sve,
+    ssb, ssh, ssl, sdb, sdh, sdl, sde, sgb, sgh, sgl, sge,
+    H, scale, eps, L: tl.constexpr, E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """Tiles are transposed: keys down `(BLOCK_N)`, query rows across `(BLOCK_M)`."""
+    bh, key_start = _program(L, BLOCK_N)
+    b, h = bh // H, bh % H
+    cols, dims = key_start + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_E)
+    col_ok, dim_ok = cols < L, dims < E
+    k = _load(K, b, h, skb, skh, skl, ske, cols, col_ok, dims, dim_ok)
+    v = _load(V, b, h, svb, svh, svl, sve, cols, col_ok, dims, dim_ok)
     dk = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
     for start in range(0, L, BLOCK_M):
-        rows, row_ok, row_mask, q, sigma = _query_rows(
-            Q, SIGMA, b, h, start, dims, dim_ok, sqb, sqh, sql, sqe, ssb, ssh, ssl, L, BLOCK_M
-        )
-        d_out_at = D_OUT + b * sdb + h * sdh + rows[:, None] * sdl + dims[None, :] * sde
-        d_out = tl.load(d_out_at, row_mask, 0.0)
-        row_at = (b * H + h) * L + rows
-        g_series = tl.load(D_SERIES_SIDE + row_at, row_ok, 0.0)
-        g_prior = tl.load(D_PRIOR_SIDE + row_at, row_ok, 0.0)
-        series, prior, distance = _associations(q, k, sigma, rows, cols, col_ok, scale, L)
-        log_ratio = tl.log(series + eps) - tl.log(prior + eps)
-        difference = series - prior
-        # Series side: d/ds of the discrepancy (prior fixed), plus the attention output's term.
-        d_series = g_series[:, None] * (log_ratio + difference / (series + eps))
-        d_series += tl.dot(d_out, tl.trans(v), input_precision="ieee")
-        d_scores = series * (d_series - tl.sum(series * d_series, axis=1)[:, None])
-        d_scores = d_scores.to(k.dtype)
-        dq = tl.dot(d_scores, k, input_precision="ieee") * scale
-        dq_at = DQ + b * sgb + h * sgh + rows[:, None] * sgl + dims[None, :] * sge
-        tl.store(dq_at, dq.to(DQ.dtype.element_ty), row_mask)
-        dk += tl.dot(tl.trans(d_scores), q, input_precision="ieee")
-        dv += tl.dot(tl.trans(series.to(d_out.dtype)), d_out, input_precision="ieee")
-        # Prior side: d/dp (series fixed), through the row normalisation, to 1 / sigma^2.
-        d_prior = -g_prior[:, None] * (log_ratio + difference / (prior + eps))
-        centred = d_prior - tl.sum(prior * d_prior, axis=1)[:, None]
-        d_inverse_variance = tl.sum(prior * (-0.5 * distance * distance) * centred, axis=1)
-        d_sigma = -2.0 * d_inverse_variance / (sigma * sigma * sigma)
-        tl.store(D_SIGMA + row_at, d_sigma, row_ok)
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < L
+        q = _load(Q, b, h, sqb, sqh, sql, sqe, rows, row_ok, dims, dim_ok)
+        d_out = _load(D_OUT, b, h, sdb, sdh, sdl, sde, rows, row_ok, dims, dim_ok)
+        sigma = tl.load(SIGMA + b * ssb + h * ssh + rows * ssl, row_ok, 1.0)
+        row_at = bh * L + rows
+        g_series = tl.load(G_SERIES + row_at, row_ok, 0.0)
+        log_sum_exp = tl.load(LOG_SUM_EXP + row_at, row_ok, 0.0)
+        log_norm = tl.load(LOG_NORM + row_at, row_ok, 0.0)
+        delta = tl.load(DELTA + row_at, row_ok, 0.0)
+        valid = col_ok[:, None] & row_ok[None, :]
+        scores = tl.dot(k, tl.trans(q), input_precision="ieee") * scale
+        series = tl.where(valid, tl.exp(scores - log_sum_exp[None, :]), 0.0)
+        half_square = _half_square_distance(rows[None, :], cols[:, None])
+        prior = tl.exp(half_square * (1.0 / (sigma * sigma))[None, :] - log_norm[None, :])
+        prior = tl.where(valid, prior, 0.0)
+        d_product = tl.dot(v, tl.trans(d_out), input_precision="ieee")
+        d_series, _, _ = _series_gradient(series, prior, d_product, g_series[None, :], eps)
+        d_scores = series * (d_series - delta[None, :])
+        dv += tl.dot(series.to(d_out.dtype), d_out, input_precision="ieee")
+        dk += tl.dot(d_scores.to(q.dtype), q, input_precision="ieee")
     # dq, dk and dv are allocated alike (the strides of DQ).
-    key_at = b * sgb + h * sgh + cols[:, None] * sgl + dims[None, :] * sge
-    key_mask = col_ok[:, None] & dim_ok[None, :]
-    tl.store(DK + key_at, (dk * scale).to(DK.dtype.element_ty), key_mask)
-    tl.store(DV + key_at, dv.to(DV.dtype.element_ty), key_mask)
+    _store(DK, dk * scale, b, h, sgb, sgh, sgl, sge, cols, col_ok, dims, dim_ok)
+    _store(DV, dv, b, h, sgb, sgh, sgl, sge, cols, col_ok, dims, dim_ok)
 
 
 def _heads_like(t: torch.Tensor) -> torch.Tensor:
@@ -167,21 +242,35 @@ def _heads_like(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty((batch, length, n_heads, head_dim)).transpose(1, 2)
 
 
-def _rows_like(sigma: torch.Tensor) -> torch.Tensor:
-    return torch.empty(sigma.shape, dtype=torch.float32, device=sigma.device)
+def _rows_like(sigma: torch.Tensor, *lead: int) -> torch.Tensor:
+    return torch.empty((*lead, *sigma.shape), dtype=torch.float32, device=sigma.device)
 
 
-def _blocks(length: int, head_dim: int, block_m: int) -> dict[str, int]:
-    block_n = max(16, triton.next_power_of_2(length))
-    return {
-        "BLOCK_M": min(block_m, block_n),
-        "BLOCK_N": block_n,
-        "BLOCK_E": max(16, triton.next_power_of_2(head_dim)),
-    }
+def _launch(
+    kernel: triton.JITFunction,
+    q: torch.Tensor,
+    args: tuple[object, ...],
+    *,
+    rows: int,
+    keys: int,
+    warps: int,
+    by_keys: bool = False,
+) -> None:
+    """``kernel`` on tiles of ``rows`` query rows by ``keys`` keys (both at most L, padded), one
+    program per block of rows (``by_keys``: of keys) of every (batch, head)."""
+    batch, n_heads, length, head_dim = q.shape
+    padded = max(16, triton.next_power_of_2(length))
+    block_m, block_n = min(rows, padded), min(keys, padded)
+    grid = (batch * n_heads * triton.cdiv(length, block_n if by_keys else block_m),)
+    kernel[grid](
+        *args, n_heads, head_dim**-0.5, KL_EPS, length, head_dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=max(16, triton.next_power_of_2(head_dim)),
+        num_warps=warps,
+    )  # fmt: skip
 
 
 def _check(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, block_m: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, config: KernelConfig
 ) -> None:
     shape = tuple(q.shape)
     if q.dim() != 4 or tuple(k.shape) != shape or tuple(v.shape) != shape:
@@ -203,34 +292,33 @@ def _check(
             f"invalid q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype}: expected one of float32, "
             "bf16 or fp16"
         )
-    if block_m not in (16, 32, 64, 128):
-        raise ValueError(f"invalid block_m={block_m}: expected 16, 32, 64 or 128")
+    blocks = (config.fwd_rows, config.dq_rows, config.kv_keys, config.kv_rows)
+    warps = (config.fwd_warps, config.dq_warps, config.kv_warps)
+    if not set(blocks) <= set(BLOCK_SIZES) or not set(warps) <= set(WARP_COUNTS):
+        raise ValueError(
+            f"invalid {config}: expected blocks in {BLOCK_SIZES}, warps in {WARP_COUNTS}"
+        )
 
 
 @torch.library.custom_op("anomaly_transformer::fused_attention", mutates_args=())
 def _forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    sigma: torch.Tensor,
-    block_m: int,
-    num_warps: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, n_heads, length, head_dim = q.shape
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, config: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Also returns the row statistics for backward, `(2, B, H, L)`: log-sum-exp, log norm."""
+    cfg = KernelConfig(*config)
     heads = _heads_like(v)
-    series_side, prior_side = _rows_like(sigma), _rows_like(sigma)
-    _anomaly_attention_fwd[(batch * n_heads,)](
-        q, k, v, sigma, heads, series_side, prior_side,
+    series_side, prior_side, stats = _rows_like(sigma), _rows_like(sigma), _rows_like(sigma, 2)
+    args = (
+        q, k, v, sigma, heads, series_side, prior_side, stats[0], stats[1],
         *q.stride(), *k.stride(), *v.stride(), *sigma.stride(), *heads.stride(),
-        n_heads, head_dim**-0.5, KL_EPS, length, head_dim,
-        **_blocks(length, head_dim, block_m), num_warps=num_warps,
     )  # fmt: skip
-    return heads, series_side, prior_side
+    _launch(_attention_fwd, q, args, rows=cfg.fwd_rows, keys=MAX_WINDOW, warps=cfg.fwd_warps)
+    return heads, series_side, prior_side, stats
 
 
 @_forward.register_fake
-def _(q, k, v, sigma, *_):  # type: ignore[no-untyped-def]
-    return _heads_like(v), _rows_like(sigma), _rows_like(sigma)
+def _(q, k, v, sigma, config):  # type: ignore[no-untyped-def]
+    return _heads_like(v), _rows_like(sigma), _rows_like(sigma), _rows_like(sigma, 2)
 
 
 @torch.library.custom_op("anomaly_transformer::fused_attention_backward", mutates_args=())
@@ -239,22 +327,24 @@ def _backward(
     k: torch.Tensor,
     v: torch.Tensor,
     sigma: torch.Tensor,
+    stats: torch.Tensor,
     d_heads: torch.Tensor,
     d_series_side: torch.Tensor,
     d_prior_side: torch.Tensor,
-    block_m: int,
-    num_warps: int,
+    config: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, n_heads, length, head_dim = q.shape
+    cfg = KernelConfig(*config)
     dq, dk, dv = _heads_like(q), _heads_like(k), _heads_like(v)
-    d_sigma = _rows_like(sigma)
+    d_sigma, delta = _rows_like(sigma), _rows_like(sigma)
     d_series_side, d_prior_side = d_series_side.contiguous(), d_prior_side.contiguous()
-    _anomaly_attention_bwd[(batch * n_heads,)](
-        q, k, v, sigma, d_heads, d_series_side, d_prior_side, dq, dk, dv, d_sigma,
-        *q.stride(), *k.stride(), *v.stride(), *sigma.stride(), *d_heads.stride(),
-        *dq.stride(),
-        n_heads, head_dim**-0.5, KL_EPS, length, head_dim,
-        **_blocks(length, head_dim, block_m), num_warps=num_warps,
+    strides = (*q.stride(), *k.stride(), *v.stride(), *sigma.stride(), *d_heads.stride())
+    inputs = (q, k, v, sigma, d_heads, d_series_side)
+    dq_args = (*inputs, d_prior_side, *stats, dq, d_sigma, delta, *strides, *dq.stride())
+    _launch(_attention_bwd_dq, q, dq_args, rows=cfg.dq_rows, keys=MAX_WINDOW, warps=cfg.dq_warps)
+    dkdv_args = (*inputs, *stats, delta, dk, dv, *strides, *dq.stride())
+    _launch(
+        _attention_bwd_dkdv, q, dkdv_args,
+        rows=cfg.kv_rows, keys=cfg.kv_keys, warps=cfg.kv_warps, by_keys=True,
     )  # fmt: skip
     return dq, dk, dv, d_sigma
 
@@ -265,16 +355,16 @@ def _(q, k, v, sigma, *_):  # type: ignore[no-untyped-def]
 
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    q, k, v, sigma, ctx.block_m, ctx.num_warps = inputs
-    ctx.save_for_backward(q, k, v, sigma)
+    q, k, v, sigma, ctx.config = inputs
+    stats = output[3]
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(q, k, v, sigma, stats)
 
 
-def _autograd_backward(ctx, d_heads, d_series_side, d_prior_side):  # type: ignore[no-untyped-def]
-    q, k, v, sigma = ctx.saved_tensors  # the gradients come materialised (zeros, not None)
-    grads = _backward(
-        q, k, v, sigma, d_heads, d_series_side, d_prior_side, ctx.block_m, ctx.num_warps
-    )
-    return *grads, None, None
+def _autograd_backward(ctx, d_heads, d_series_side, d_prior_side, _):  # type: ignore[no-untyped-def]
+    # The gradients come materialised (zeros, not None).
+    grads = _backward(*ctx.saved_tensors, d_heads, d_series_side, d_prior_side, ctx.config)
+    return *grads, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -286,15 +376,14 @@ def anomaly_attention(
     v: torch.Tensor,
     sigma: torch.Tensor,
     *,
-    block_m: int = DEFAULT_BLOCK_M,
-    num_warps: int = DEFAULT_NUM_WARPS,
+    config: KernelConfig = DEFAULT_CONFIG,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention output and the per-row symmetric KL between series and prior, fused.
 
     Args:
         q, k, v: `(batch, heads, L, E)`, float32, bf16 or fp16, any strides; ``L <= 128``.
         sigma: `(batch, heads, L)` float32, already squashed (``model.network.squash_sigma``).
-        block_m: query rows per inner step (16 to 128); num_warps: warps per program.
+        config: block sizes and warps of the kernels (``CANDIDATE_CONFIGS``).
 
     Returns:
         ``heads`` `(batch, heads, L, E)` in ``v``'s dtype (laid out as `(batch, L, heads, E)`),
@@ -302,7 +391,8 @@ def anomaly_attention(
         carries gradient to ``q`` and ``k`` only, the second to ``sigma`` only.
 
     Raises:
-        ValueError: shapes, dtypes or sizes the kernels do not handle.
+        ValueError: shapes, dtypes, sizes or a configuration the kernels do not handle.
     """
-    _check(q, k, v, sigma, block_m)
-    return _forward(q, k, v, sigma, block_m, num_warps)
+    _check(q, k, v, sigma, config)
+    heads, series_side, prior_side, _ = _forward(q, k, v, sigma, list(config))
+    return heads, series_side, prior_side

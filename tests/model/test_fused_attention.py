@@ -15,8 +15,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from model.config import ModelConfig, TrainConfig  # noqa: E402
-from model.fused_attention import anomaly_attention  # noqa: E402
-from model.losses import association_discrepancy, row_discrepancy  # noqa: E402
+from model.fused_attention import (  # noqa: E402
+    CANDIDATE_CONFIGS,
+    KernelConfig,
+    anomaly_attention,
+)
+from model.losses import KL_EPS, association_discrepancy, row_discrepancy  # noqa: E402
 from model.network import AnomalyAttention, AnomalyTransformer, squash_sigma  # noqa: E402
 from model.steps import TrainStep, make_optimizer  # noqa: E402
 
@@ -121,6 +125,45 @@ def test_half_precision_is_as_close_to_fp32_as_the_plain_path() -> None:
         assert 0 < fused_error <= 1.5 * plain_error, (name, fused_error, plain_error)
 
 
+# Blocks of 16: L=37 takes three row blocks and three key blocks, the last ones partly padded.
+SMALL_BLOCKS = KernelConfig(16, 1, 16, 1, 16, 16, 1)
+
+
+@pytest.mark.parametrize(
+    "config", [*CANDIDATE_CONFIGS, SMALL_BLOCKS], ids=lambda c: "-".join(map(str, c))
+)
+def test_every_kernel_config_matches_the_plain_attention(config: KernelConfig) -> None:
+    """Per head: output, rows, and each term's gradients to q, k, v and sigma (L=37, E=24)."""
+    attention = _attention(37, 24)
+    with torch.no_grad():
+        q, k, v, raw_sigma = attention._heads(torch.randn(2, 37, attention.d_model))
+    inputs = [t.detach().requires_grad_() for t in (q, k, v, squash_sigma(raw_sigma))]
+    heads, series, prior = attention.associations(*inputs)
+    fused_heads, series_side, prior_side = anomaly_attention(*inputs, config=config)
+
+    def rows(s: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return ((s - p) * (torch.log(s + KL_EPS) - torch.log(p + KL_EPS))).sum(-1)  # (B, H, L)
+
+    series_rows, prior_rows = rows(series, prior.detach()), rows(series.detach(), prior)
+    torch.testing.assert_close(fused_heads, heads, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(series_side, series_rows, rtol=1e-5, atol=1e-6)
+    weights = {"output": torch.randn(heads.shape), "rows": torch.randn(series_rows.shape)}
+    terms = {
+        "output": ((heads * weights["output"]).sum(), (fused_heads * weights["output"]).sum()),
+        "series": ((series_rows * weights["rows"]).sum(), (series_side * weights["rows"]).sum()),
+        "prior": ((prior_rows * weights["rows"]).sum(), (prior_side * weights["rows"]).sum()),
+    }
+    for term, (plain_loss, fused_loss) in terms.items():
+        expected = torch.autograd.grad(plain_loss, inputs, retain_graph=True, allow_unused=True)
+        actual = torch.autograd.grad(fused_loss, inputs, retain_graph=True)
+        for name, grad, fused_grad in zip(PARTS, expected, actual, strict=True):
+            grad = torch.zeros_like(fused_grad) if grad is None else grad
+            scale = float(grad.abs().max()) or 1.0
+            torch.testing.assert_close(
+                fused_grad, grad, rtol=1e-4, atol=1e-5 * scale, msg=f"{term} -> d{name}"
+            )
+
+
 def test_each_side_sends_gradient_to_its_own_inputs_only() -> None:
     q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
     sigma = torch.rand(1, 2, 20).add(0.1).requires_grad_()
@@ -181,3 +224,5 @@ def test_fused_attention_rejects_what_the_kernels_do_not_handle(tiny_cfg: ModelC
     q = torch.randn(1, 1, 16, 16)
     with pytest.raises(ValueError, match="sigma"):
         anomaly_attention(q, q, q, torch.ones(1, 1, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="blocks in"):
+        anomaly_attention(q, q, q, torch.ones(1, 1, 16), config=SMALL_BLOCKS._replace(kv_keys=24))
