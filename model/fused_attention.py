@@ -52,10 +52,11 @@ class KernelConfig(NamedTuple):
     kv_warps: int
 
 
-# What bench.check_fused sweeps on the GPU; the default is its first entry (not yet measured:
-# docs/performance.md).
+# What bench.check_fused sweeps on the GPU. The defaults per input dtype are the fastest kernels of
+# its H200 run of 2026-12-03 at B=256, H=8, L=100, E=64 (docs/performance.md).
 CANDIDATE_CONFIGS = (
     KernelConfig(32, 4, 32, 8, 32, 32, 4),
+    KernelConfig(16, 2, 16, 2, 32, 32, 4),
     KernelConfig(32, 4, 32, 4, 32, 32, 4),
     KernelConfig(32, 4, 16, 4, 64, 32, 4),
     KernelConfig(16, 2, 16, 2, 16, 32, 2),
@@ -64,7 +65,11 @@ CANDIDATE_CONFIGS = (
     KernelConfig(32, 8, 32, 8, 32, 64, 4),
     KernelConfig(128, 8, 16, 4, 128, 32, 8),
 )
-DEFAULT_CONFIG = CANDIDATE_CONFIGS[0]
+DEFAULT_CONFIGS = {
+    torch.float32: CANDIDATE_CONFIGS[0],
+    torch.bfloat16: CANDIDATE_CONFIGS[1],
+    torch.float16: CANDIDATE_CONFIGS[1],
+}
 
 
 @triton.jit
@@ -376,14 +381,15 @@ def anomaly_attention(
     v: torch.Tensor,
     sigma: torch.Tensor,
     *,
-    config: KernelConfig = DEFAULT_CONFIG,
+    config: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention output and the per-row symmetric KL between series and prior, fused.
 
     Args:
         q, k, v: `(batch, heads, L, E)`, float32, bf16 or fp16, any strides; ``L <= 128``.
         sigma: `(batch, heads, L)` float32, already squashed (``model.network.squash_sigma``).
-        config: block sizes and warps of the kernels (``CANDIDATE_CONFIGS``).
+        config: block sizes and warps of the kernels (``CANDIDATE_CONFIGS``); by default the
+            one for ``q``'s dtype in ``DEFAULT_CONFIGS``.
 
     Returns:
         ``heads`` `(batch, heads, L, E)` in ``v``'s dtype (laid out as `(batch, L, heads, E)`),
@@ -393,6 +399,7 @@ def anomaly_attention(
     Raises:
         ValueError: shapes, dtypes, sizes or a configuration the kernels do not handle.
     """
+    config = config or DEFAULT_CONFIGS.get(q.dtype, CANDIDATE_CONFIGS[0])
     _check(q, k, v, sigma, config)
     heads, series_side, prior_side, _ = _forward(q, k, v, sigma, list(config))
     return heads, series_side, prior_side
