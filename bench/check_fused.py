@@ -3,12 +3,10 @@
 For q, k, v and sigma taken from a real attention layer (B=256, H=8, L=100, E=64), in bf16 and
 then fp32, one table row per variant and precision:
 
-* variants: the plain path eager and compiled (Inductor); the fused kernels before the
-  flash-attention-2 backward (``bench.fused_attention_v1``, 32 rows / 8 warps), eager and
-  compiled; the current kernels (``model.fused_attention``) compiled with the dtype's default
-  (``DEFAULT_CONFIGS``),
-  and eager with each of ``CANDIDATE_CONFIGS`` (label: fwd rows/warps, dq rows/warps, dk/dv
-  keys x rows/warps);
+* variants: the plain path eager and compiled (Inductor); the fused kernels
+  (``model.fused_attention``) compiled with the dtype's default (``DEFAULT_CONFIGS``), and eager
+  with each of ``CANDIDATE_CONFIGS`` (label: fwd rows/warps, dq rows/warps, dk/dv keys x
+  rows/warps);
 * time of forward + backward of the attention alone (no projections) of a surrogate-like
   objective (output term - k series_loss + k prior_loss): median wall ms and, on CUDA, GPU ms
   per call (all kernels, from the profiler), the ms of each fused kernel, and the peak memory;
@@ -134,11 +132,9 @@ def label(config: Any) -> str:
 
 
 def variants(attention: AnomalyAttention) -> list[Variant]:
-    """Plain, the v1 kernels and the current ones (imported here: after TRITON_INTERPRET)."""
-    from bench.fused_attention_v1 import anomaly_attention_v1
+    """Plain and fused (imported here: after TRITON_INTERPRET)."""
     from model.fused_attention import CANDIDATE_CONFIGS, anomaly_attention
 
-    v1 = fused_objective(anomaly_attention_v1)
     current = [
         Variant(label(c), fused_objective(functools.partial(anomaly_attention, config=c)), config=c)
         for c in CANDIDATE_CONFIGS
@@ -146,8 +142,6 @@ def variants(attention: AnomalyAttention) -> list[Variant]:
     return [
         Variant("plain eager", plain_objective(attention), fused=False),
         Variant("plain compiled", plain_objective(attention), compiled=True, fused=False),
-        Variant("v1 32/8 eager", v1),
-        Variant("v1 32/8 compiled", v1, compiled=True),
         Variant("default compiled", fused_objective(anomaly_attention), True),
         *current,
     ]
