@@ -16,10 +16,19 @@ _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _RESERVED = {"entity", "ts", "label"}
 
 
+class ContractError(ValueError):
+    """A contract is missing, unreadable or breaks a rule of the contract format; the message
+    names the file or contract and the key."""
+
+
+class ContractNotFoundError(ContractError, FileNotFoundError):
+    """No contract of that name or path."""
+
+
 def check_identifier(value: str, what: str) -> str:
     """Return ``value`` if it is a safe SQL identifier (lower-case, digits, '_'), else raise."""
     if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
-        raise ValueError(
+        raise ContractError(
             f"{what} {value!r} is not a valid identifier: use 1-63 characters of "
             "lower-case letters, digits and '_', not starting with a digit"
         )
@@ -114,7 +123,7 @@ _SENSOR_KEYS = frozenset({"name", "min", "max", "nullable", "source"})
 
 def _positive_int(value: Any, key: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where}: {key} must be an integer >= 1, got {value!r}")
+        raise ContractError(f"{where}: {key} must be an integer >= 1, got {value!r}")
     return value
 
 
@@ -122,7 +131,7 @@ def _bound(value: Any, key: str, where: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{where}: {key} must be a number or null, got {value!r}")
+        raise ContractError(f"{where}: {key} must be a number or null, got {value!r}")
     return float(value)
 
 
@@ -131,20 +140,22 @@ def _sensor_rule(entry: Any, defaults: dict[str, Any], where: str) -> SensorRule
     unknown = set(spec) - _SENSOR_KEYS
     if unknown:
         allowed = sorted(_SENSOR_KEYS)
-        raise ValueError(f"{where}: unknown sensor keys {sorted(unknown)}; allowed {allowed}")
+        raise ContractError(f"{where}: unknown sensor keys {sorted(unknown)}; allowed {allowed}")
     name = check_identifier(spec.get("name"), f"{where} sensor")
     if name in _RESERVED:
-        raise ValueError(f"{where}: sensor name {name!r} is reserved")
+        raise ContractError(f"{where}: sensor name {name!r} is reserved")
     low = _bound(spec.get("min"), f"sensor {name!r} min", where)
     high = _bound(spec.get("max"), f"sensor {name!r} max", where)
     if low is not None and high is not None and low > high:
-        raise ValueError(f"{where}: sensor {name!r} has min {low} > max {high}")
+        raise ContractError(f"{where}: sensor {name!r} has min {low} > max {high}")
     nullable = spec.get("nullable", False)
     if not isinstance(nullable, bool):
-        raise ValueError(f"{where}: sensor {name!r} nullable must be a boolean, not {nullable!r}")
+        raise ContractError(
+            f"{where}: sensor {name!r} nullable must be a boolean, not {nullable!r}"
+        )
     source = spec.get("source")
     if source is not None and (not isinstance(source, str) or not source.strip()):
-        raise ValueError(f"{where}: sensor {name!r} source must be a non-empty string")
+        raise ContractError(f"{where}: sensor {name!r} source must be a non-empty string")
     return SensorRule(name=name, min=low, max=high, nullable=nullable, source=source)
 
 
@@ -152,23 +163,23 @@ def _sensor_rules(raw: Any, contract_name: str) -> tuple[SensorRule, ...]:
     where = f"contract {contract_name!r}"
     if not isinstance(raw, dict):
         keys = sorted(_SENSOR_SECTION_KEYS)
-        raise ValueError(f"{where}: sensors must be a mapping with keys {keys}, got {raw!r}")
+        raise ContractError(f"{where}: sensors must be a mapping with keys {keys}, got {raw!r}")
     unknown = set(raw) - _SENSOR_SECTION_KEYS
     if unknown:
-        raise ValueError(f"{where}: unknown keys under sensors {sorted(unknown)}")
+        raise ContractError(f"{where}: unknown keys under sensors {sorted(unknown)}")
     defaults = raw.get("defaults") or {}
     columns = raw.get("columns")
     if not isinstance(defaults, dict):
-        raise ValueError(f"{where}: sensors.defaults must be a mapping")
+        raise ContractError(f"{where}: sensors.defaults must be a mapping")
     if not isinstance(columns, list) or not columns:
-        raise ValueError(f"{where}: sensors.columns must list at least one column")
+        raise ContractError(f"{where}: sensors.columns must list at least one column")
     rules = tuple(_sensor_rule(entry, defaults, where) for entry in columns)
     names = [r.name for r in rules]
     sources = [r.source or r.name for r in rules]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     duplicates += sorted({n for n in sources if sources.count(n) > 1} - set(duplicates))
     if duplicates:
-        raise ValueError(f"{where}: duplicate sensor columns {duplicates}")
+        raise ContractError(f"{where}: duplicate sensor columns {duplicates}")
     return rules
 
 
@@ -178,15 +189,15 @@ def _layout(raw: dict[str, Any], where: str) -> tuple[str, str | None, str | Non
     sensor_column, value_column = raw.get("sensor_column"), raw.get("value_column")
     if layout == "wide":
         if sensor_column is not None or value_column is not None:
-            raise ValueError(f"{where}: sensor_column and value_column need layout: long")
+            raise ContractError(f"{where}: sensor_column and value_column need layout: long")
         return layout, None, None
     if layout != "long":
-        raise ValueError(f"{where}: layout must be 'wide' or 'long', got {layout!r}")
+        raise ContractError(f"{where}: layout must be 'wide' or 'long', got {layout!r}")
     for key, value in (("sensor_column", sensor_column), ("value_column", value_column)):
         if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{where}: layout long needs {key}, a non-empty string")
+            raise ContractError(f"{where}: layout long needs {key}, a non-empty string")
     if sensor_column == value_column:
-        raise ValueError(f"{where}: sensor_column and value_column must differ")
+        raise ContractError(f"{where}: sensor_column and value_column must differ")
     return layout, sensor_column, value_column
 
 
@@ -201,10 +212,12 @@ def _source_columns(raw: dict[str, Any], where: str) -> tuple[str, str, str | No
         if value is None and key == "label_column":
             continue
         if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{where}: {key} must be a non-empty string, got {value!r}")
+            raise ContractError(f"{where}: {key} must be a non-empty string, got {value!r}")
     given = [v for v in names.values() if v is not None]
     if len(set(given)) != len(given):
-        raise ValueError(f"{where}: entity_column, timestamp_column and label_column must differ")
+        raise ContractError(
+            f"{where}: entity_column, timestamp_column and label_column must differ"
+        )
     return names["entity_column"], names["timestamp_column"], names["label_column"]
 
 
@@ -214,7 +227,7 @@ def contract_from_dict(raw: dict[str, Any]) -> Contract:
     where = f"contract {name!r}"
     unknown = set(raw) - _TOP_KEYS
     if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed {sorted(_TOP_KEYS)}")
+        raise ContractError(f"{where}: unknown keys {sorted(unknown)}; allowed {sorted(_TOP_KEYS)}")
     version = _positive_int(raw.get("version"), "version", where)
     min_rows = _positive_int(raw.get("min_rows_per_entity", 100), "min_rows_per_entity", where)
     cadence = raw.get("cadence_seconds")
@@ -223,19 +236,19 @@ def contract_from_dict(raw: dict[str, Any]) -> Contract:
     timezone = raw.get("timestamp_timezone", "naive_utc")
     if timezone not in ("aware", "naive_utc"):
         allowed = "'aware' or 'naive_utc'"
-        raise ValueError(f"{where}: timestamp_timezone must be {allowed}, got {timezone!r}")
+        raise ContractError(f"{where}: timestamp_timezone must be {allowed}, got {timezone!r}")
     extra = raw.get("extra_columns", "forbid")
     if extra not in ("forbid", "ignore"):
-        raise ValueError(f"{where}: extra_columns must be 'forbid' or 'ignore', got {extra!r}")
+        raise ContractError(f"{where}: extra_columns must be 'forbid' or 'ignore', got {extra!r}")
     sensors = _sensor_rules(raw.get("sensors"), name)
     entity_column, timestamp_column, label_column = _source_columns(raw, where)
     clash = {entity_column, timestamp_column, label_column} & {s.name for s in sensors}
     if clash:
-        raise ValueError(f"{where}: source columns {sorted(clash)} are also sensor names")
+        raise ContractError(f"{where}: source columns {sorted(clash)} are also sensor names")
     layout, sensor_column, value_column = _layout(raw, where)
     named = {entity_column, timestamp_column, label_column}
     if layout == "long" and {sensor_column, value_column} & named:
-        raise ValueError(f"{where}: sensor_column and value_column must differ from the others")
+        raise ContractError(f"{where}: sensor_column and value_column must differ from the others")
     return Contract(
         name=name,
         version=version,
@@ -267,18 +280,23 @@ def load_contract(name_or_path: str | Path) -> Contract:
         if not path.is_file():
             path = user_contract_dir() / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ContractNotFoundError(
             f"no data contract {str(name_or_path)!r}: bundled contracts are {list_contracts()}; "
             f"ingest --contract PATH registers others in {user_contract_dir()}"
         )
     try:
-        with path.open() as handle:
+        with path.open(encoding="utf-8") as handle:
             raw = yaml.safe_load(handle)
     except yaml.YAMLError as exc:
-        raise ValueError(f"contract file {path}: not valid YAML: {exc}") from exc
+        raise ContractError(f"contract file {path}: not valid YAML: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ContractError(f"contract file {path}: cannot be read ({exc})") from exc
     if not isinstance(raw, dict):
-        raise ValueError(f"contract file {path}: expected a YAML mapping at the top level")
-    return contract_from_dict(raw)
+        raise ContractError(f"contract file {path}: expected a YAML mapping at the top level")
+    try:
+        return contract_from_dict(raw)
+    except ContractError as exc:
+        raise ContractError(f"contract file {path}: {exc}") from exc
 
 
 def list_contracts() -> list[str]:

@@ -287,12 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``atp`` console script."""
     args = _parser().parse_args(argv)
     apply_quiet_defaults()
+    from data_contracts.contract import ContractError
     from flows.report import print_result
     from tasks.errors import AtpError
 
     try:
         print_result(_run(args))
-    except AtpError as error:
+    except (AtpError, ContractError) as error:
         print(f"atp {args.command}: {error}", file=sys.stderr)
         return 2
     return 0

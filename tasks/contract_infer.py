@@ -8,35 +8,38 @@ The draft is a starting point for review: ranges are the observed ones widened b
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data_contracts.contract import Contract, SensorRule, contract_from_dict
+from tasks.contract_infer_columns import detect_columns, is_text, parse_times, refuse_bad_columns
 from tasks.errors import AtpError, IngestError
 from tasks.ingest import read_table, to_wide
 
 RANGE_MARGIN = 0.5  # bounds = observed [min, max] widened by half the observed span on each side
-TIMESTAMP_NAMES = ("ts", "timestamp", "time", "datetime", "date", "timestamp_(min)")
-ENTITY_NAMES = ("entity", "machine", "device", "asset", "unit", "host", "id", "series", "channel")
-LABEL_NAMES = ("label", "anomaly", "is_anomaly", "attack", "target")
-SENSOR_NAMES = ("sensor", "metric", "signal", "variable", "tag", "name", "measurement")
-VALUE_NAMES = ("value", "reading", "val", "measurement_value")
+RESERVED = ("entity", "ts", "label")  # warehouse columns no sensor may take
 
 
-def sensor_identifier(name: str) -> str:
-    """A warehouse column name for a source name: lower case, runs of other characters as '_'."""
+def sensor_identifier(name: str, taken: Collection[str] = ()) -> str:
+    """A warehouse column name for a source name: lower case, runs of other characters as '_';
+    ``s_`` in front of a leading digit, a reserved name (``entity``, ``ts``, ``label``) or one
+    in ``taken``."""
     cleaned = re.sub(r"[^a-z0-9]+", "_", str(name).strip().lower()).strip("_") or "sensor"
-    return (f"s_{cleaned}" if cleaned[0].isdigit() else cleaned)[:63]
+    clash = cleaned[0].isdigit() or cleaned in RESERVED or cleaned in taken
+    return (f"s_{cleaned}" if clash else cleaned)[:63]
 
 
-def _reading_contract(entity_column: str | None, timestamp_column: str | None) -> Contract:
+def _reading_contract(
+    entity_column: str | None, timestamp_column: str | None, sensor_column: str | None = None
+) -> Contract:
     """A contract that only tells ``read_table`` which columns to keep as text."""
     return Contract(
         "draft",
@@ -44,94 +47,8 @@ def _reading_contract(entity_column: str | None, timestamp_column: str | None) -
         (SensorRule("x"),),
         entity_column=entity_column or "entity",
         timestamp_column=timestamp_column or "ts",
+        sensor_column=sensor_column,
     )
-
-
-def _is_text(series: pd.Series) -> bool:
-    return not (
-        pd.api.types.is_numeric_dtype(series)
-        or pd.api.types.is_bool_dtype(series)
-        or pd.api.types.is_datetime64_any_dtype(series)
-    )
-
-
-def _parses_as_time(series: pd.Series) -> bool:
-    if pd.api.types.is_datetime64_any_dtype(series):
-        return True
-    if not _is_text(series):
-        return False
-    sample = series.dropna().astype(str).head(200)
-    parsed = pd.to_datetime(sample, format="ISO8601", errors="coerce", utc=True)
-    return len(sample) > 0 and parsed.notna().mean() >= 0.95
-
-
-def _pick(frame: pd.DataFrame, names: tuple[str, ...], fits: Any, taken: set[str]) -> str | None:
-    """The first column not taken that ``fits``: preferred names first, sensor-like names last."""
-
-    def rank(column: Any) -> int:
-        name = str(column).strip().lower()
-        return 0 if name in names else 2 if name in SENSOR_NAMES else 1
-
-    columns = sorted((c for c in frame.columns if c not in taken), key=rank)
-    return next((c for c in columns if fits(frame[c])), None)
-
-
-def _is_label(series: pd.Series) -> bool:
-    values = set(pd.to_numeric(series.dropna(), errors="coerce").unique().tolist())
-    return bool(values) and values <= {0, 1} and str(series.name).strip().lower() in LABEL_NAMES
-
-
-def _detect_columns(
-    frame: pd.DataFrame, given: dict[str, str | None], why: list[str]
-) -> dict[str, str | None]:
-    """Timestamp, label, entity and (long layout) sensor/value columns, given or detected."""
-    found = dict(given)
-    detectors = [
-        (
-            "timestamp_column",
-            TIMESTAMP_NAMES,
-            _parses_as_time,
-            "its values parse as ISO 8601 times",
-        ),
-        ("label_column", LABEL_NAMES, _is_label, "it is named like a label and holds only 0/1"),
-        ("entity_column", ENTITY_NAMES, _is_text, "it holds text"),
-    ]
-    for key, names, fits, reason in detectors:
-        taken = {v for v in found.values() if v is not None}
-        if found.get(key) is not None:
-            why.append(f"{key}: {found[key]!r} (given)")
-            continue
-        found[key] = _pick(frame, names, fits, taken)
-        if found[key] is not None:
-            why.append(f"{key}: {found[key]!r} because {reason}")
-    if found["timestamp_column"] is None:
-        raise IngestError(
-            f"no timestamp column found among {list(frame.columns)}; name it "
-            "explicitly (its values must be ISO 8601)"
-        )
-    if found["entity_column"] is None:
-        raise IngestError(
-            f"no entity column found among {list(frame.columns)}; name it "
-            "explicitly, or add a text column naming the series of each row"
-        )
-    taken = {v for v in found.values() if v is not None}
-    rest = [c for c in frame.columns if c not in taken]
-    text = [c for c in rest if _is_text(frame[c])]
-    numbers = [c for c in rest if not _is_text(frame[c])]
-    keys = [found["entity_column"], found["timestamp_column"]]
-    if found.get("sensor_column") or (
-        len(text) == 1
-        and len(numbers) == 1
-        and frame.duplicated(keys).any()
-        and not frame.duplicated([*keys, text[0]]).any()
-    ):
-        found["sensor_column"] = found.get("sensor_column") or text[0]
-        found["value_column"] = found.get("value_column") or numbers[0]
-        why.append(
-            f"layout: long, because (entity, ts) repeat once per sensor: sensor names in "
-            f"{found['sensor_column']!r}, values in {found['value_column']!r}"
-        )
-    return found
 
 
 def _bounds(values: pd.Series) -> tuple[float, float]:
@@ -147,16 +64,25 @@ def _bounds(values: pd.Series) -> tuple[float, float]:
 
 def _sensor_entries(
     wide: pd.DataFrame, sources: dict[str, str], why: list[str]
-) -> list[dict[str, Any]]:
-    """One contract entry per numeric sensor column of ``wide`` (warehouse name -> source name)."""
-    entries = []
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """One contract entry per numeric sensor column of ``wide`` (warehouse name -> source name),
+    and the sources left out because they hold no finite value."""
+    entries, left_out = [], []
     for name, source in sources.items():
         values = pd.to_numeric(wide[name], errors="coerce")
         missing = float(values.isna().mean())
-        if missing == 1.0:
-            why.append(f"sensor {source!r}: left out, every value is missing")
+        infinite = int(np.isinf(values).sum())
+        finite = values[np.isfinite(values)]
+        if finite.empty:
+            why.append(f"sensor {source!r}: left out, it has no finite value")
+            left_out.append(source)
             continue
-        low, high = _bounds(values.dropna())
+        if infinite:
+            why.append(
+                f"sensor {source!r}: {infinite} infinite values, left out of its range; "
+                "ingest refuses them (finite_values)"
+            )
+        low, high = _bounds(finite)
         entry: dict[str, Any] = {"name": name, "min": low, "max": high, "nullable": missing > 0}
         if source != name:
             entry["source"] = source
@@ -171,24 +97,19 @@ def _sensor_entries(
         )
         why.append(
             f"sensor {name}{f' (from {source!r})' if source != name else ''}: observed "
-            f"[{values.min():.6g}, {values.max():.6g}], allowed [{low:.6g}, {high:.6g}]; {rate}"
+            f"[{finite.min():.6g}, {finite.max():.6g}], allowed [{low:.6g}, {high:.6g}]; {rate}"
         )
     if not entries:
         raise IngestError(f"no numeric sensor column with values among {list(sources.values())}")
-    return entries
+    return entries, left_out
 
 
-def _timing(wide: pd.DataFrame, columns: dict[str, str | None], why: list[str]) -> dict[str, Any]:
+def _timing(
+    wide: pd.DataFrame, columns: dict[str, str | None], why: list[str], path: Path
+) -> dict[str, Any]:
     """Time-zone policy, cadence (median step) and rows per entity from the parsed timestamps."""
     entity, stamp = columns["entity_column"], columns["timestamp_column"]
-    try:
-        parsed = pd.to_datetime(wide[stamp], format="ISO8601")
-    except (ValueError, TypeError) as error:
-        raise IngestError(
-            f"column {stamp!r}: timestamps of mixed time zones or formats "
-            f"({error}); fix them before drafting a contract"
-        ) from error
-    aware = isinstance(parsed.dtype, pd.DatetimeTZDtype)
+    parsed, aware = parse_times(wide[stamp], path)
     why.append(
         "timestamp_timezone: "
         + (
@@ -233,7 +154,7 @@ def infer_contract(
     and value columns. Every other numeric column is a sensor; other text columns are ignored.
     """
     path = Path(path)
-    frame = read_table(path, _reading_contract(entity_column, timestamp_column))
+    frame = read_table(path, _reading_contract(entity_column, timestamp_column, sensor_column))
     why = [f"drafted from {path.name}: {len(frame)} rows, columns {list(frame.columns)}"]
     given = dict(
         entity_column=entity_column,
@@ -242,7 +163,11 @@ def infer_contract(
         sensor_column=sensor_column,
         value_column=value_column,
     )
-    columns = _detect_columns(frame, given, why)
+    columns = detect_columns(frame, given, why)
+    keys = (columns["entity_column"], columns["timestamp_column"], columns.get("sensor_column"))
+    if keys != (entity_column, timestamp_column, sensor_column):  # names as written ("NA", "007")
+        frame = read_table(path, _reading_contract(*keys))
+    refuse_bad_columns(frame, columns, path)
     names = _sensor_names(frame, columns, path)
     keys = {k: columns[k] for k in ("entity_column", "timestamp_column", "label_column")}
     if columns.get("sensor_column") is not None:
@@ -258,16 +183,21 @@ def infer_contract(
         "sensors": {"columns": [{"name": n, "source": s} for n, s in names.items()]},
     }
     wide = to_wide(frame, contract_from_dict(draft), source=str(path))
+    timing = _timing(wide, columns, why, path)
+    sensors, left_out = _sensor_entries(wide, names, why)
     taken = {v for v in columns.values() if v is not None}
     ignored = [c for c in frame.columns if c not in taken and str(c) not in names.values()]
-    if ignored and "layout" not in keys:
+    ignored = ignored if "layout" not in keys else []
+    if ignored:
         why.append(f"extra_columns: ignore, the columns {ignored} are not numeric")
+    if left_out:
+        why.append(f"extra_columns: ignore, so that {left_out} (no finite value) are dropped")
     raw = {
         **draft,
         "description": f"Drafted from {path.name}; review before use.",
-        **_timing(wide, columns, why),
-        "extra_columns": "ignore" if ignored and "layout" not in keys else "forbid",
-        "sensors": {"columns": _sensor_entries(wide, names, why)},
+        **timing,
+        "extra_columns": "ignore" if ignored or left_out else "forbid",
+        "sensors": {"columns": sensors},
     }
     if columns["label_column"] is not None:
         why.append(_label_summary(wide[columns["label_column"]]))
@@ -292,13 +222,12 @@ def _sensor_names(frame: pd.DataFrame, columns: dict[str, Any], path: Path) -> d
         sources = [
             str(c)
             for c in frame.columns
-            if c not in taken
-            and not _is_text(frame[c])
-            and not pd.api.types.is_bool_dtype(frame[c])
+            if c not in taken and not is_text(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
         ]
     if not sources:
         raise IngestError(f"{path}: no numeric sensor column among {list(frame.columns)}")
-    names = {sensor_identifier(s): s for s in sources}
+    keys = {str(columns[k]) for k in ("entity_column", "timestamp_column", "label_column")}
+    names = {sensor_identifier(s, keys): s for s in sources}
     if len(names) < len(sources):
         raise IngestError(f"{path}: sensor names {sources} collide once made identifiers")
     return names

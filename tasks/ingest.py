@@ -6,6 +6,7 @@ IngestError naming the file and, where there is one, the line and an example.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import io
@@ -29,6 +30,10 @@ _SMD_FILE = re.compile(r"(machine-\d+-\d+)\.txt(\.gz)?")
 _NUMBER = re.compile(r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*")
 _GZIP_MAGIC = b"\x1f\x8b"
 _PARQUET_MAGIC = b"PAR1"
+MISSING_TEXT = (  # what pandas reads as missing by default (``read_csv``'s ``na_values``)
+    *("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND"),
+    *("1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"),
+)
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,8 @@ def read_table(path: Path, contract: Contract) -> pd.DataFrame:
     """A CSV (``,`` or ``;`` separated, optionally .csv.gz) or Parquet file, columns as written.
 
     CSV entity and timestamp columns stay text (parsing is validation's job); nothing is renamed.
+    A CSV whose header repeats a name, or with a line of another width than the header, raises
+    IngestError naming the lines; Parquet decimals become float64.
     """
     path = Path(path)
     if not path.is_file():
@@ -198,21 +205,70 @@ def read_table(path: Path, contract: Contract) -> pd.DataFrame:
 
 
 def _read_csv(path: Path, contract: Contract) -> pd.DataFrame:
+    """Every line as many fields as the header, whose names are distinct. Names (the entity, a
+    long file's sensor) are read as written: only a blank is missing there, not ``NA``."""
     text = read_text(path)
     header = text.partition("\n")[0]
     separator = ";" if header.count(";") > header.count(",") else ","
+    try:
+        names = _header(path, text, separator)
+    except csv.Error as error:
+        raise IngestError(f"{path}: not a CSV file ({error})") from error
+    kept = {contract.entity_column, contract.sensor_column}
+    missing = {i: [""] if name in kept else MISSING_TEXT for i, name in enumerate(names)}
     text_columns = {contract.entity_column: "str", contract.timestamp_column: "str"}
     try:
-        return pd.read_csv(io.StringIO(text), sep=separator, dtype=text_columns)
+        return pd.read_csv(
+            io.StringIO(text),
+            sep=separator,
+            dtype=text_columns,
+            keep_default_na=False,
+            na_values=missing,
+        )
     except ValueError as error:
         raise IngestError(f"{path}: {error}") from error
 
 
+def _header(path: Path, text: str, separator: str) -> list[str]:
+    """The header's column names; IngestError for repeated names or a line of another width."""
+    rows = csv.reader(io.StringIO(text), delimiter=separator)
+    names = next(rows)
+    if len(names) == 1 and (other := next((s for s in "\t|" if s in names[0]), None)):
+        raise IngestError(
+            f"{path}: the header is one column separated by {other!r}; "
+            "separate CSV columns by ',' or ';'"
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise IngestError(f"{path}: the header names columns {repeated} more than once")
+    if '"' in text:
+        widths = ((rows.line_num, len(row), "".join(row)) for row in rows)
+    else:  # unquoted: a line's fields are its separators plus one, much faster than csv
+        lines = enumerate(text.split("\n")[1:], start=2)
+        widths = ((n, line.count(separator) + 1, line) for n, line in lines)
+    ragged = [
+        f"line {number}: {width} fields"
+        for number, width, content in widths
+        if width != len(names) and (width > 1 or content.strip())  # blank lines are skipped
+    ]
+    if ragged:
+        raise IngestError(
+            f"{path}: lines without the header's {len(names)} fields: {len(ragged)}; "
+            f"e.g. {', '.join(ragged[:5])}"
+        )
+    return names
+
+
 def _read_parquet(path: Path) -> pd.DataFrame:
+    """Decimal columns become float64, as every other number does in the warehouse."""
     try:
-        return pq.read_table(path).to_pandas()
+        table = pq.read_table(path)
+        for i, field in enumerate(table.schema):
+            if pa.types.is_decimal(field.type):
+                table = table.set_column(i, field.name, table.column(i).cast(pa.float64()))
     except (pa.ArrowInvalid, OSError) as error:
         raise IngestError(f"{path}: not a readable Parquet file ({error})") from error
+    return table.to_pandas()
 
 
 def to_wide(frame: pd.DataFrame, contract: Contract, *, source: str) -> pd.DataFrame:

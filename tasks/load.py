@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from data_contracts import Contract, load_contract
 from data_contracts.contract import CONTRACT_DIR, list_contracts, user_contract_dir
-from tasks.errors import IngestError
+from tasks.errors import DataContractError, IngestError
 from tasks.ingest import read_smd, read_table, to_wide
 from tasks.loaders import LOADERS
 from tasks.validate import coerce_readings, validate_readings
@@ -48,8 +48,11 @@ def load_frame(
     readings = coerce_readings(frame, contract, source=str(path))
     validate_readings(readings, contract, source=str(path))
     engine = get_engine(warehouse_url)
-    ensure_schema(engine, contract)
-    rows_new = upsert_readings(engine, contract, readings)
+    try:
+        ensure_schema(engine, contract)
+        rows_new = upsert_readings(engine, contract, readings)
+    except DataContractError as error:  # rows contradicting stored ones: name the file too
+        raise DataContractError(f"{path}: {error.report}") from error
     for reason in skipped:
         log.warning("skipped %s", reason)
     for note in notes:

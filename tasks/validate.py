@@ -289,12 +289,20 @@ def _parse_timestamps(
     return parsed, failures
 
 
+def _nullable_number(dtype: Any) -> bool:
+    """One of pandas' nullable number dtypes (Int64, Float32, Arrow's); not boolean."""
+    types = pd.api.types
+    extension = isinstance(dtype, pd.api.extensions.ExtensionDtype)
+    return extension and types.is_numeric_dtype(dtype) and not types.is_bool_dtype(dtype)
+
+
 def coerce_readings(frame: pd.DataFrame, contract: Contract, *, source: str) -> pd.DataFrame:
     """Source columns renamed to warehouse names and put in table order, ``ts`` as naive UTC.
 
     Columns the contract does not know are kept last when it forbids them (validation rejects
-    them) and dropped when it ignores them. Unparseable timestamps or ones that break the
-    contract's time-zone policy raise ``DataContractError`` with examples.
+    them) and dropped when it ignores them. Sensors of pandas' nullable number dtypes become
+    float64 (``NA`` as NaN), as the warehouse stores them. Unparseable timestamps or ones that
+    break the contract's time-zone policy raise ``DataContractError`` with examples.
     """
     renames = {contract.entity_column: "entity", contract.timestamp_column: "ts"}
     if contract.label_column is not None:
@@ -308,6 +316,9 @@ def coerce_readings(frame: pd.DataFrame, contract: Contract, *, source: str) -> 
     data = data[[c for c in known if c in data.columns] + extra].reset_index(drop=True)
     if "entity" in data:
         data["entity"] = data["entity"].astype("str")
+    for name in [s for s in contract.sensor_names if s in data]:
+        if _nullable_number(data[name].dtype):
+            data[name] = data[name].astype("float64")
     if "ts" in data:
         data["ts"], failures = _parse_timestamps(data, contract)
         if failures:
