@@ -301,8 +301,9 @@ def coerce_readings(frame: pd.DataFrame, contract: Contract, *, source: str) -> 
 
     Columns the contract does not know are kept last when it forbids them (validation rejects
     them) and dropped when it ignores them. Sensors of pandas' nullable number dtypes become
-    float64 (``NA`` as NaN), as the warehouse stores them. Unparseable timestamps or ones that
-    break the contract's time-zone policy raise ``DataContractError`` with examples.
+    float64 (``NA`` as NaN), as the warehouse stores them, and ``ts`` is cut to whole
+    microseconds, as stored. Unparseable timestamps or ones that break the contract's time-zone
+    policy raise ``DataContractError`` with examples.
     """
     renames = {contract.entity_column: "entity", contract.timestamp_column: "ts"}
     if contract.label_column is not None:
@@ -323,6 +324,8 @@ def coerce_readings(frame: pd.DataFrame, contract: Contract, *, source: str) -> 
         data["ts"], failures = _parse_timestamps(data, contract)
         if failures:
             _raise(contract, source, failures, 2)
+        if pd.api.types.is_datetime64_dtype(data["ts"]):  # as stored: validation sees collisions
+            data["ts"] = data["ts"].dt.floor("us")
     return data
 
 

@@ -137,6 +137,21 @@ def test_parquet_decimal_and_nullable_integer_sensors_become_floats(
     assert readings["flow"].dtype == np.float64 and np.isnan(readings["flow"].iat[3])
 
 
+def test_timestamps_are_checked_as_stored_in_whole_microseconds(
+    tmp_path: Path, sqlite_url: str, plant: str
+) -> None:
+    frame = _frame()
+    frame["time"] = frame["time"] + ".000000100"
+    frame.loc[1, "time"] = frame.loc[0, "time"][:-3] + "900"  # the same microsecond as row 0
+    with pytest.raises(DataContractError, match="unique_timestamps_per_entity") as raised:
+        ingest_table(sqlite_url, _csv(tmp_path / "ns.csv", frame), plant)
+    assert "contradict" not in str(raised.value) and _rows(sqlite_url) == 0
+    frame = frame.drop(index=1)
+    path = _csv(tmp_path / "ns.csv", frame)
+    assert ingest_table(sqlite_url, path, plant).rows_new == len(frame)
+    assert ingest_table(sqlite_url, path, plant).rows_new == 0
+
+
 # --- re-loading: idempotent, and stored readings are never changed ----------------------------
 
 
