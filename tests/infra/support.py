@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import secrets
 import signal
 import socket
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,17 +84,31 @@ class Service:
     def stop(self, timeout: float = 20, *, must_exit_on_sigterm: bool = True) -> None:
         """SIGTERM to its group; SIGKILL if it does not exit in ``timeout`` seconds, which fails
         the test unless ``must_exit_on_sigterm`` is off (then it is what a Kubernetes grace period
-        does)."""
+        does, and a warning says so). Either way the message shows the group's processes and
+        their Python stacks: SIGABRT before SIGKILL makes faulthandler write them to the log."""
         if self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
+        if self.process.returncode is not None:
+            return
+        ps = ["ps", "-ww", "-o", "pid,ppid,pgid,stat,etime,args", "-s", str(self.process.pid)]
+        group = subprocess.run(ps, capture_output=True, text=True).stdout
+        for line in group.splitlines()[1:]:  # one by one: their stacks do not interleave
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line.split()[0]), signal.SIGABRT)
+            time.sleep(0.5)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(5)
-            if must_exit_on_sigterm:
-                pytest.fail(f"{self.name} ignored SIGTERM for {timeout} s; log: {self.log}")
+        self.process.wait(5)
+        message = (
+            f"{self.name} ignored SIGTERM for {timeout} s; its processes then:\n{group}"
+            f"log ({self.log}):\n{self.tail(200)}"
+        )
+        if must_exit_on_sigterm:
+            pytest.fail(message)
+        warnings.warn(message, stacklevel=2)
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -102,12 +119,13 @@ def start(name: str, command: list[str], env: dict[str, str], logs: Path) -> Ser
     with log.open("wb") as out:
         process = subprocess.Popen(
             command,
-            env=env,
+            env={**env, "PYTHONFAULTHANDLER": "1"},  # stacks on SIGABRT (stop)
             stdin=subprocess.DEVNULL,  # not the test process's (under xdist: its channel to pytest)
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    resource.prlimit(process.pid, resource.RLIMIT_CORE, (0, 0))  # its group's SIGABRT: no core
     return Service(name, process, log)
 
 

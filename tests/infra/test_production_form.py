@@ -301,8 +301,9 @@ def test_scheduled_scoring_runs_on_a_worker_against_the_servers(
         pause_and_drain(platform, worker)
     finally:
         # Prefect's process worker waits for its runs' processes on SIGTERM; after the rest of
-        # the suite it has hung there past 20 s in CI (root cause open). Its writes are
-        # transactional (tests/faults kill scoring mid-write), so a SIGKILL then loses nothing.
+        # the suite it has hung there past 20 s in CI (root cause open; the warning it then
+        # gives holds its group's processes and Python stacks). Its writes are transactional
+        # (tests/faults kill scoring mid-write), so a SIGKILL then loses nothing.
         worker.stop(must_exit_on_sigterm=False)
     runs = scheduled_runs(platform)
     assert {r["state_type"] for r in runs} == {"COMPLETED"}
