@@ -100,6 +100,18 @@ def _store(PTR, value, b, h, sb, sh, sl, se, index, index_ok, dims, dim_ok):
 
 
 @triton.jit
+def _row_terms(SIGMA, G_SERIES, LOG_SUM_EXP, LOG_NORM, b, h, bh, ssb, ssh, ssl, rows, row_ok, L):
+    """Per query row: sigma, the rows' offset in `(B, H, L)` tensors, the series-side gradient,
+    and the forward's log-sum-exp and prior log-normaliser."""
+    sigma = tl.load(SIGMA + b * ssb + h * ssh + rows * ssl, row_ok, 1.0)
+    row_at = bh * L + rows
+    g_series = tl.load(G_SERIES + row_at, row_ok, 0.0)
+    log_sum_exp = tl.load(LOG_SUM_EXP + row_at, row_ok, 0.0)
+    log_norm = tl.load(LOG_NORM + row_at, row_ok, 0.0)
+    return sigma, row_at, g_series, log_sum_exp, log_norm
+
+
+@triton.jit
 def _half_square_distance(rows, cols):
     distance = (rows - cols).to(tl.float32)
     return -0.5 * distance * distance
@@ -169,12 +181,10 @@ def _attention_bwd_dq(
     k = _load(K, b, h, skb, skh, skl, ske, cols, col_ok, dims, dim_ok)
     v = _load(V, b, h, svb, svh, svl, sve, cols, col_ok, dims, dim_ok)
     d_out = _load(D_OUT, b, h, sdb, sdh, sdl, sde, rows, row_ok, dims, dim_ok)
-    sigma = tl.load(SIGMA + b * ssb + h * ssh + rows * ssl, row_ok, 1.0)
-    row_at = bh * L + rows
-    g_series = tl.load(G_SERIES + row_at, row_ok, 0.0)
+    sigma, row_at, g_series, log_sum_exp, log_norm = _row_terms(
+        SIGMA, G_SERIES, LOG_SUM_EXP, LOG_NORM, b, h, bh, ssb, ssh, ssl, rows, row_ok, L
+    )
     g_prior = tl.load(G_PRIOR + row_at, row_ok, 0.0)
-    log_sum_exp = tl.load(LOG_SUM_EXP + row_at, row_ok, 0.0)
-    log_norm = tl.load(LOG_NORM + row_at, row_ok, 0.0)
     scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     series = tl.where(col_ok[None, :], tl.exp(scores - log_sum_exp[:, None]), 0.0)
     half_square = _half_square_distance(rows[:, None], cols[None, :])
@@ -219,11 +229,9 @@ def _attention_bwd_dkdv(
         row_ok = rows < L
         q = _load(Q, b, h, sqb, sqh, sql, sqe, rows, row_ok, dims, dim_ok)
         d_out = _load(D_OUT, b, h, sdb, sdh, sdl, sde, rows, row_ok, dims, dim_ok)
-        sigma = tl.load(SIGMA + b * ssb + h * ssh + rows * ssl, row_ok, 1.0)
-        row_at = bh * L + rows
-        g_series = tl.load(G_SERIES + row_at, row_ok, 0.0)
-        log_sum_exp = tl.load(LOG_SUM_EXP + row_at, row_ok, 0.0)
-        log_norm = tl.load(LOG_NORM + row_at, row_ok, 0.0)
+        sigma, row_at, g_series, log_sum_exp, log_norm = _row_terms(
+            SIGMA, G_SERIES, LOG_SUM_EXP, LOG_NORM, b, h, bh, ssb, ssh, ssl, rows, row_ok, L
+        )
         delta = tl.load(DELTA + row_at, row_ok, 0.0)
         valid = col_ok[:, None] & row_ok[None, :]
         scores = tl.dot(k, tl.trans(q), input_precision="ieee") * scale
