@@ -75,8 +75,9 @@ def read_text(path: Path) -> str:
 
 
 def _read_values(path: Path, width: int) -> np.ndarray:
-    """A headerless comma-separated file of exactly ``width`` numbers per line, as float64."""
-    text = read_text(path)
+    """A headerless comma-separated file of exactly ``width`` numbers per line, as float64;
+    blank lines at the end are ignored, any other line of another width is refused."""
+    text = read_text(path).rstrip()
     lines = text.splitlines()
     for number, line in enumerate(lines, start=1):
         if line.count(",") != width - 1:
@@ -102,8 +103,8 @@ def _not_a_number(path: Path, lines: list[str], error: ValueError) -> IngestErro
 
 
 def _read_labels(path: Path) -> np.ndarray:
-    """One 0/1 label per line."""
-    lines = read_text(path).splitlines()
+    """One 0/1 label per line (blank lines at the end are ignored)."""
+    lines = read_text(path).rstrip().splitlines()
     for number, line in enumerate(lines, start=1):
         if line.strip() not in ("0", "1"):
             raise IngestError(f"{path}: line {number} is not a 0/1 label: {line[:40]!r}")

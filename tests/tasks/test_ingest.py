@@ -87,6 +87,16 @@ def test_parent_folder_and_plain_text_files_are_accepted(tmp_path: Path) -> None
     assert load.skipped == []
 
 
+def test_blank_lines_at_the_end_of_smd_files_are_not_rows(tmp_path: Path) -> None:
+    files = {"train/.txt": smd_lines(4), "test/.txt": smd_lines(3), "test_label/.txt": "0\n0\n1\n"}
+    write_smd(tmp_path / "plain", files)
+    padded = {name: text + "\n \n\n" for name, text in files.items()}
+    write_smd(tmp_path / "padded", padded)
+    pd.testing.assert_frame_equal(
+        read_smd(tmp_path / "padded").frame, read_smd(tmp_path / "plain").frame
+    )
+
+
 def test_label_only_machine_is_skipped_not_loaded(tmp_path: Path) -> None:
     write_smd(tmp_path, good_machine())
     write_smd(tmp_path, {"test_label/.txt": "0\n1\n"}, name="machine-9-2")
