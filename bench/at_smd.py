@@ -28,8 +28,10 @@ and numpy only. From the repository root::
 ``--scope global`` trains one model on every entity's fit part (each z-scored with its own
 statistics), as the product's training flow does, instead of one model per entity. ``--npz DIR``
 reads entities from ``bench/export_arrays.py`` output (``<entity>.npz`` with ``train``, ``test``,
-``labels``) instead of the SMD layout. ``--quick`` trains a tiny model for a few steps (a CPU
-smoke test).
+``labels``) instead of the SMD layout. ``--scores-out DIR`` (global scope) saves each seed's
+scores as ``DIR/scores_seed<seed>.npz`` instead of computing metrics (``--save-variants`` keeps
+fewer variants: smaller files); ``--from-scores FILES`` computes the metrics of saved scores, off
+the GPU machine. ``--quick`` trains a tiny model for a few steps (a CPU smoke test).
 """
 
 from __future__ import annotations
