@@ -164,9 +164,10 @@ def infer_contract(
         value_column=value_column,
     )
     columns = detect_columns(frame, given, why)
-    keys = (columns["entity_column"], columns["timestamp_column"], columns.get("sensor_column"))
-    if keys != (entity_column, timestamp_column, sensor_column):  # names as written ("NA", "007")
-        frame = read_table(path, _reading_contract(*keys))
+    name_keys = ("entity_column", "timestamp_column", "sensor_column")
+    name_columns = tuple(columns.get(k) for k in name_keys)
+    if name_columns != (entity_column, timestamp_column, sensor_column):  # as written: "NA", "007"
+        frame = read_table(path, _reading_contract(*name_columns))
     refuse_bad_columns(frame, columns, path)
     names = _sensor_names(frame, columns, path)
     keys = {k: columns[k] for k in ("entity_column", "timestamp_column", "label_column")}
