@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tasks.errors import AtpError
 from tasks.settings import get_settings
 
 console = Console()
@@ -67,8 +68,21 @@ def print_demo_epilogue() -> None:
 
 
 def serve_scoring(source: str, *, cron: str, interval: int | None) -> None:
-    """Serve the scoring flow on a schedule from this process (Ctrl-C stops it)."""
+    """Serve the scoring flow on a schedule from this process (Ctrl-C stops it).
+
+    Raises:
+        AtpError: no Prefect server (``PREFECT_API_URL`` unset): the temporary API a command
+            starts without one runs no scheduler, so no scheduled run would ever start.
+    """
+    from prefect.settings import PREFECT_API_URL
+
     from flows.scoring import scoring_flow
+
+    if not PREFECT_API_URL.value():
+        raise AtpError(
+            "a schedule needs a Prefect server: run `prefect server start` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
 
     schedule: dict[str, Any] = {"interval": interval} if interval else {"cron": cron}
     scoring_flow.serve(name=f"score-{source}", parameters={"source": source}, limit=1, **schedule)
