@@ -171,35 +171,51 @@ def _given(**values: Any) -> dict[str, Any]:
 
 
 def _train_params(args: argparse.Namespace) -> Any:
+    """The preset's parameters with the options given, validated as the flow validates them."""
+    from pydantic import ValidationError
+
     from flows.params import DEMO_TRAINING, TrainFlowParams
+    from tasks.errors import AtpError
 
     base = DEMO_TRAINING if args.preset == "demo" else TrainFlowParams()
-    training = _given(
-        max_epochs=args.max_epochs,
-        max_steps=args.max_steps,
-        device=args.device,
-        precision=args.precision,
+    params = base.model_dump()
+    params.update(
+        source=args.source,
+        train_end=args.train_end,
+        promote=args.promote or base.promote,
+        **_given(
+            detector=args.model,
+            scoring_method=args.scoring_method,
+            score_smoothing=args.score_smoothing,
+        ),
     )
-    calibration = _given(alpha=args.alpha, method=args.calibration_method, scope=args.scope)
-    gate = _given(
-        metric=args.gate_metric,
-        margin=args.gate_margin,
-        false_alarm_budget=args.false_alarm_budget,
-        force=args.force or None,
+    params["training"].update(
+        _given(
+            max_epochs=args.max_epochs,
+            max_steps=args.max_steps,
+            device=args.device,
+            precision=args.precision,
+        )
     )
-    return base.model_copy(
-        update={
-            "source": args.source,
-            "train_end": args.train_end,
-            "detector": args.model or base.detector,
-            "scoring_method": args.scoring_method or base.scoring_method,
-            "score_smoothing": args.score_smoothing or base.score_smoothing,
-            "promote": args.promote or base.promote,
-            "training": base.training.model_copy(update=training),
-            "calibration": base.calibration.model_copy(update=calibration),
-            "gate": base.gate.model_copy(update=gate),
-        }
+    params["calibration"].update(
+        _given(alpha=args.alpha, method=args.calibration_method, scope=args.scope)
     )
+    params["gate"].update(
+        _given(
+            metric=args.gate_metric,
+            margin=args.gate_margin,
+            false_alarm_budget=args.false_alarm_budget,
+            force=args.force or None,
+        )
+    )
+    try:
+        return TrainFlowParams.model_validate(params)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))} {e['msg']} (got {e['input']!r})"
+            for e in error.errors()
+        )
+        raise AtpError(f"invalid options: {problems}") from error
 
 
 def _event_rules(args: argparse.Namespace) -> dict[str, Any]:

@@ -26,10 +26,6 @@ class Settings:
     dask_address: str | None = None  # a running Dask scheduler for task_runner="dask"
 
     @property
-    def parquet_dir(self) -> Path:
-        return self.home / "parquet"
-
-    @property
     def artifact_root(self) -> Path:
         return self.home / "mlartifacts"
 

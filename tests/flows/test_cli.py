@@ -80,6 +80,22 @@ def test_train_options_left_out_keep_the_preset() -> None:
     assert reference.training.precision == "auto" and reference.gate.force is False
 
 
+@pytest.mark.parametrize(
+    ("option", "problem"),
+    [
+        ("--score-smoothing=0", "score_smoothing Input should be greater than or equal to 1"),
+        ("--max-epochs=0", "training.max_epochs Input should be greater than or equal to 1"),
+        ("--alpha=1.5", "calibration.alpha Input should be less than 1"),
+    ],
+)
+def test_train_options_out_of_range_are_refused_by_name(
+    option: str, problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", option]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("atp train: invalid options: ") and problem in message
+
+
 def test_auto_precision_resolves_to_fp32_without_compile_on_the_cpu() -> None:
     config = TrainingParams(device="cpu").to_config()
     assert (config.precision, config.compile) == ("fp32", False)
