@@ -1,5 +1,7 @@
 """Training flow: validate → window → train → calibrate → evaluate → register (→ promote)."""
 
+from dataclasses import replace
+
 from prefect import flow
 
 from data_contracts import load_contract
@@ -61,5 +63,8 @@ def training_flow(params: TrainFlowParams = TrainFlowParams()) -> TrainingSummar
     )
     log_data_docs_task(settings.mlflow_tracking_uri, summary.run_id, data_docs_dir(settings.home))
     if params.promote:
-        gate_and_promote_task(settings.model_name, summary.version, **params.gate_settings())
+        decision = gate_and_promote_task(
+            settings.model_name, summary.version, **params.gate_settings()
+        )
+        summary = replace(summary, promotion=decision.outcome)
     return summary

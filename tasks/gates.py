@@ -44,6 +44,13 @@ class GateDecision:
     false_alarm_rate: float
     false_alarm_budget: float
 
+    @property
+    def outcome(self) -> str:
+        """One line for a person: champion or not, and why."""
+        if self.forced:
+            return f"champion (forced): {self.reason}"
+        return f"{'champion' if self.promoted else 'kept out'}: {self.reason}"
+
 
 def _test_metric(metrics: dict[str, float], name: str, who: str) -> float:
     value = metrics.get(f"test_{name}")

@@ -31,6 +31,7 @@ class TrainingSummary:
     threshold: float
     train_seconds: float
     metrics: dict[str, float]
+    promotion: str = "not asked (promote off): challenger"
 
 
 def evaluation_metrics(evaluation: Evaluation) -> dict[str, float]:

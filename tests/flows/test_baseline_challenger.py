@@ -94,6 +94,8 @@ def test_baseline_challenger_wins_the_gate_and_serves_the_scoring_flow(
     second = training_flow(params.model_copy(update={"detector": "knn"}))
     tags, metrics = _gate_tags(second.version)
     assert tags["gate.decision"] == "promoted" and tags["gate.champion_version"] == "1"
+    assert first.promotion.startswith("champion: ") and "no champion yet" in first.promotion
+    assert second.promotion == f"champion: {tags['gate.reason']}"
     assert metrics["test_entities_evaluated"] == 2
     assert (tags["gate.challenger_detector"], tags["gate.champion_detector"]) == ("knn", "max_z")
     champion_vus_pr = _gate_tags(first.version)[1]["test_vus_pr"]

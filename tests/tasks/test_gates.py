@@ -107,10 +107,12 @@ def test_two_versions_weaker_challenger_stays_challenger_unless_forced(
     decision = gate_and_promote(NAME, second, margin=0.02)
     assert not decision.promoted and get_alias_version(NAME, CHAMPION) == first
     assert _gate_tags(client, second)["gate.decision"] == "rejected"
+    assert decision.outcome == f"kept out: {decision.reason}" and "does not beat" in decision.reason
 
     forced = gate_and_promote(NAME, second, margin=0.02, force=True)
     assert forced.promoted and forced.forced and get_alias_version(NAME, CHAMPION) == second
     assert _gate_tags(client, second)["gate.decision"] == "forced"
+    assert forced.outcome == f"champion (forced): {forced.reason}"
 
 
 def test_leaky_or_over_budget_challenger_is_refused(client: MlflowClient) -> None:
