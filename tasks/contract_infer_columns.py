@@ -85,9 +85,17 @@ def _examples(series: pd.Series, mask: Any) -> str:
 
 
 def refuse_bad_columns(frame: pd.DataFrame, columns: dict[str, Any], path: Path) -> None:
-    """IngestError for a label column that is not 0/1 and for a text column that is mostly
-    numbers (a sensor with some values that are not: drafting would silently drop it)."""
+    """IngestError for a blank entity, a label column that is not 0/1 and a text column that is
+    mostly numbers (a sensor with some values that are not: drafting would silently drop it)."""
     taken = {v for v in columns.values() if v is not None}
+    entity = frame[columns["entity_column"]]
+    blank = entity.isna() | (entity.astype(str).str.strip() == "")
+    if blank.any():
+        raise IngestError(
+            f"{path}: entity column {entity.name!r} is blank in {int(blank.sum())} of "
+            f"{len(entity)} rows; e.g. {_examples(entity.fillna(''), blank)}; every row needs "
+            "the name of its series (machine, device, ...)"
+        )
     label = columns["label_column"]
     named = [c for c in frame.columns if str(c).strip().lower() in LABEL_NAMES and c not in taken]
     what = "label column" if label is not None else "column named like a label"

@@ -202,6 +202,24 @@ def test_draft_refuses_a_column_it_would_get_wrong(
     assert str(path) in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("blank_rows", "message"),
+    [
+        (range(2 * ROWS), r"blank in 240 of 240 rows; e.g. data row 1: '', data row 2: ''"),
+        ([7, 130], r"blank in 2 of 240 rows; e.g. data row 8: '', data row 131: ''"),
+    ],
+    ids=["all", "some"],
+)
+def test_draft_refuses_a_blank_entity_naming_the_rows(
+    tmp_path: Path, blank_rows: range | list[int], message: str
+) -> None:
+    frame = _frame()
+    frame.loc[list(blank_rows), "machine"] = None
+    path = _csv(tmp_path / "blank.csv", frame)
+    with pytest.raises(IngestError, match=rf"{path}: entity column 'machine' is {message}"):
+        infer_contract(path, name="bad", entity_column="machine")
+
+
 def test_draft_refuses_numbers_stored_as_text(tmp_path: Path) -> None:
     frame = _frame()
     frame["temp"] = frame["temp"].astype(str)
