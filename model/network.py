@@ -170,9 +170,12 @@ class AnomalyAttention(nn.Module):
         heads, series_side, prior_side = anomaly_attention(q, k, v, squash_sigma(raw_sigma))
         return self._merge(heads), series_side, prior_side
 
-    def reconstruct(self, h: torch.Tensor) -> torch.Tensor:
-        """The attention output alone, through fused attention (no association tensors)."""
+    def reconstruct(self, h: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:
+        """The attention output alone, through fused attention (no association tensors):
+        `(B, L, d)`, or `(B, 1, d)` for the last query only."""
         q, k, v, _ = self._heads(h)
+        if last_only:
+            q = q[:, :, -1:]  # (B, H, 1, E)
         dropout = self.dropout_p if self.training else 0.0
         heads = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, H, L, E)
         return self._merge(heads)
@@ -207,8 +210,9 @@ class EncoderLayer(nn.Module):
         attended, series_side, prior_side = self.attention.discrepancy_rows(h)
         return self._feed_forward(h, attended), series_side, prior_side
 
-    def reconstruct(self, h: torch.Tensor) -> torch.Tensor:
-        return self._feed_forward(h, self.attention.reconstruct(h))
+    def reconstruct(self, h: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:
+        attended = self.attention.reconstruct(h, last_only=last_only)
+        return self._feed_forward(h[:, -1:] if last_only else h, attended)
 
 
 class AnomalyTransformer(nn.Module):
@@ -253,13 +257,20 @@ class AnomalyTransformer(nn.Module):
         recon = self.projection(self.norm(h))  # (B, L, C)
         return DiscrepancyOutput(recon, series_side, prior_side)
 
-    def reconstruct(self, x: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
-        """``forward(x).recon`` without building the association tensors (fused attention)."""
+    def reconstruct(
+        self, x: torch.Tensor, *, check_finite: bool = True, last_only: bool = False
+    ) -> torch.Tensor:
+        """``forward(x).recon`` without building the association tensors (fused attention).
+
+        ``last_only`` returns the last position alone, `(B, 1, C)`: the last layer then attends
+        from the last query only and skips its other rows' feed-forward work.
+        """
         self.check_input(x, check_finite=check_finite)
         h = self.embedding(x)  # (B, L, d)
-        for layer in self.layers:
-            h = layer.reconstruct(h)
-        return self.projection(self.norm(h))  # (B, L, C)
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            h = layer.reconstruct(h, last_only=last_only and index == last)
+        return self.projection(self.norm(h))  # (B, L, C) or (B, 1, C)
 
     def check_input(self, x: torch.Tensor, *, check_finite: bool) -> None:
         """Raise ``ValueError`` naming the problem if ``x`` is not a valid batch of windows."""

@@ -43,20 +43,25 @@ class ScoreResult(NamedTuple):
 
 
 def window_contributions(
-    model: AnomalyTransformer, x: torch.Tensor, method: str, precision: Precision
+    model: AnomalyTransformer,
+    x: torch.Tensor,
+    method: str,
+    precision: Precision,
+    last_only: bool = False,
 ) -> torch.Tensor:
     """Weighted squared error per window position and channel, `(batch, L, C)` in float32.
 
     ``recon_*`` methods weight every position by ``1 / C``; ``reference*`` methods by
     ``softmax_over_positions(-T * sum_over_layers(discrepancy)) / C``, computed in float32.
+    ``last_only`` (``recon_*`` methods) computes the last position alone: `(batch, 1, C)`.
     """
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         if method.startswith("recon"):
-            recon = model.reconstruct(x, check_finite=False)  # (b, L, C)
+            recon = model.reconstruct(x, check_finite=False, last_only=last_only)  # (b, l, C)
         else:
             out = model(x, check_finite=False)
             recon = out.recon  # (b, L, C)
-    squared = (at_least_float32(recon) - x) ** 2 / x.shape[-1]  # (b, L, C)
+    squared = (at_least_float32(recon) - x[:, -recon.shape[1] :]) ** 2 / x.shape[-1]  # (b, l, C)
     if method.startswith("recon"):
         return squared
     summed = association_discrepancy(out.series, out.prior) * len(out.series)  # (b, L), fp32
@@ -163,18 +168,41 @@ class _WindowBatches:
             options = compile_options(cuda_graphs=False)
             self.contribute = torch.compile(window_contributions, dynamic=False, options=options)
 
-    def weighted(self, starts: torch.Tensor) -> torch.Tensor:
-        """`(n, L, C)` for the windows starting at ``starts`` `(n,)` (device rows)."""
+    def weighted(self, starts: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """`(n, L, C)` for the windows starting at ``starts`` `(n,)` (device rows); `(n, 1, C)`
+        with ``last_only``."""
         n_windows = len(starts)
         if self.compile:  # one shape for every call: top the last batch up with its last window
             starts = torch.cat([starts, starts[-1:].expand(self.batch_size - n_windows)])
         rows = starts[:, None] + self.offsets  # (b, L)
         windows = self.series[rows]  # (b, L, C)
-        return self.contribute(self.model, windows, self.method, self.precision)[:n_windows]
+        weighted = self.contribute(self.model, windows, self.method, self.precision, last_only)
+        return weighted[:n_windows]
+
+
+def _take_last_positions(batches: _WindowBatches, skip: int) -> torch.Tensor:
+    """``recon_last`` for points ``skip..T-1``: `(T - skip, C)`. Each point after the first
+    ``L - 1`` is the last position of its own window, computed alone; the first points come
+    from the first window at their own positions."""
+    n_points, win = batches.series.shape[0], batches.model.cfg.win_size
+    device = batches.series.device
+    head = max(0, win - 1 - skip)  # points before the first window's end
+    out = torch.empty(n_points - skip, batches.series.shape[1], device=device)  # (P, C)
+    if head:
+        out[:head] = batches.weighted(torch.zeros(1, dtype=torch.long, device=device))[
+            0, skip : win - 1
+        ]
+    starts = torch.arange(skip + head - win + 1, n_points - win + 1, device=device)  # (P - head,)
+    for first in range(0, len(starts), batches.batch_size):
+        batch = starts[first : first + batches.batch_size]
+        out[head + first : head + first + len(batch)] = batches.weighted(batch, True)[:, 0]
+    return out
 
 
 def _take_from_windows(batches: _WindowBatches, skip: int) -> torch.Tensor:
     """Each point ``skip..T-1`` takes its value from its designated window: `(T - skip, C)`."""
+    if batches.method == "recon_last":
+        return _take_last_positions(batches, skip)
     n_points, win = batches.series.shape[0], batches.model.cfg.win_size
     device, size = batches.series.device, batches.batch_size
     points = torch.arange(skip, n_points, device=device)  # (P,)

@@ -117,7 +117,9 @@ def test_bf16_autocast_on_cpu_keeps_associations_in_float32_and_finite(
 
 def test_reconstruct_matches_forward(tiny_cfg: ModelConfig, windows: torch.Tensor) -> None:
     model = _model(tiny_cfg).eval()
-    torch.testing.assert_close(model.reconstruct(windows), model(windows).recon)
+    recon = model(windows).recon  # (B, L, C)
+    torch.testing.assert_close(model.reconstruct(windows), recon)
+    torch.testing.assert_close(model.reconstruct(windows, last_only=True), recon[:, -1:])
 
 
 def test_token_embedding_is_the_circular_convolution_of_the_reference(
