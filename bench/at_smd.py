@@ -31,7 +31,9 @@ reads entities from ``bench/export_arrays.py`` output (``<entity>.npz`` with ``t
 ``labels``) instead of the SMD layout. ``--scores-out DIR`` (global scope) saves each seed's
 scores as ``DIR/scores_seed<seed>.npz`` instead of computing metrics (``--save-variants`` keeps
 fewer variants: smaller files); ``--from-scores FILES`` computes the metrics of saved scores, off
-the GPU machine. ``--quick`` trains a tiny model for a few steps (a CPU smoke test).
+the GPU machine; files from several folders are one configuration each and are combined per seed
+(each configuration's score divided by its tail median, then averaged). ``--quick`` trains a
+tiny model for a few steps (a CPU smoke test).
 """
 
 from __future__ import annotations
@@ -265,10 +267,7 @@ def save_scores(path: Path, per_entity: PerEntity, seed: int, variants: list[str
     np.savez_compressed(path, **arrays)
 
 
-def rows_from_scores(
-    parts: dict[str, Prepared], paths: list[Path], args: argparse.Namespace
-) -> list[dict[str, Any]]:
-    """Metrics of the scores that ``--scores-out`` saved (``scores_seed<seed>.npz`` files)."""
+def _load_scores(parts: dict[str, Prepared], paths: list[Path]) -> PerEntity:
     per_entity: PerEntity = {name: {} for name in parts}
     for path in paths:
         seed = int(path.stem.removeprefix("scores_seed"))
@@ -277,6 +276,44 @@ def rows_from_scores(
                 name, variant = key.split("/")
                 if name in per_entity:
                     per_entity[name].setdefault(seed, {})[variant] = arrays[key]
+    return per_entity
+
+
+def configuration_ensemble(parts: dict[str, Prepared], folders: list[PerEntity]) -> PerEntity:
+    """Per entity, seed and variant: the mean over configurations (``folders``) of each one's
+    scores divided by their tail level; seeds missing from a configuration are left out."""
+    combined: PerEntity = {}
+    for name, part in parts.items():
+        seeds = set.intersection(*(set(folder[name]) for folder in folders))
+        combined[name] = {
+            seed: {
+                variant: np.mean(
+                    [
+                        f[name][seed][variant] / _tail_level(f[name][seed][variant][part.tail])
+                        for f in folders
+                    ],
+                    axis=0,
+                )
+                for variant in folders[0][name][seed]
+            }
+            for seed in sorted(seeds)
+        }
+    return combined
+
+
+def rows_from_scores(
+    parts: dict[str, Prepared], paths: list[Path], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Metrics of the scores that ``--scores-out`` saved (``scores_seed<seed>.npz`` files).
+
+    Files from several folders (one per configuration) are combined per seed by
+    ``configuration_ensemble`` before smoothing.
+    """
+    by_folder: dict[Path, list[Path]] = {}
+    for path in paths:
+        by_folder.setdefault(path.parent, []).append(path)
+    folders = [_load_scores(parts, files) for files in by_folder.values()]
+    per_entity = folders[0] if len(folders) == 1 else configuration_ensemble(parts, folders)
     extra = _extra(args, float("nan"), 0)
     return [
         row

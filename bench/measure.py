@@ -81,6 +81,9 @@ SCORE_VARIANTS = (  # (method, precision, compile); the fp32 eager row of a meth
     ("recon_last", "fp32", False),
     ("recon_last", "bf16", False),
     ("recon_last", "bf16", True),
+    ("recon_mean", "fp32", False),
+    ("recon_mean", "bf16", False),
+    ("recon_mean", "bf16", True),
 )
 
 
