@@ -24,6 +24,7 @@ from model.scoring import (
     ScoreResult,
     provisional_points,
     score_series,
+    scoring_precision,
     trailing_mean,
 )
 
@@ -41,11 +42,22 @@ class Checkpoint:
     ) -> ScoreResult:
         """Score a scaled `(T, C)` series with ``extras["scoring_method"]`` (one network for every
         ``entity``), smoothed over ``score_smoothing`` rows; the result covers ``values[skip:]``.
+
+        The network runs in ``scoring_precision`` of its device (bf16 on a GPU); calibration and
+        scoring on the same kind of device therefore see the same scores.
         """
         method, smoothing = self.extras["scoring_method"], self.score_smoothing
         base = SENSOR_NORMALISED.get(method, method)
         first = max(0, skip - (smoothing - 1))  # the rows the smoothing of row ``skip`` reads
-        result = score_series(self.model, values, base, skip=first, batch_size=batch_size)
+        device = next(self.model.parameters()).device
+        result = score_series(
+            self.model,
+            values,
+            base,
+            skip=first,
+            batch_size=batch_size,
+            precision=scoring_precision(device),
+        )
         contributions = result.contributions
         if base != method:
             scales = self.extras.get("sensor_scales", {})
