@@ -210,7 +210,10 @@ def _take_last_positions(batches: _WindowBatches, skip: int) -> torch.Tensor:
 
 def _take_from_windows(batches: _WindowBatches, skip: int) -> torch.Tensor:
     """Each point ``skip..T-1`` takes its value from its designated window: `(T - skip, C)`."""
-    if batches.method == "recon_last":
+    if batches.method == "recon_last" and batches.padded:
+        # Unpadded (CPU), the last layer would run on as few rows as a batch has windows, and
+        # matmul kernels, so their rounding, change with the row count: a point's score would
+        # depend on how its series is cut into calls.
         return _take_last_positions(batches, skip)
     n_points, win = batches.series.shape[0], batches.model.cfg.win_size
     device, size = batches.series.device, batches.batch_size

@@ -9,7 +9,13 @@ import torch
 from model.config import ModelConfig
 from model.losses import association_discrepancy
 from model.network import AnomalyTransformer
-from model.scoring import METHODS, provisional_points, score_series
+from model.scoring import (
+    METHODS,
+    _take_from_windows,
+    _WindowBatches,
+    provisional_points,
+    score_series,
+)
 
 
 @pytest.fixture
@@ -67,6 +73,19 @@ def test_each_method_matches_the_plain_computation(
     np.testing.assert_allclose(result.scores, result.contributions.sum(axis=1), rtol=1e-6)
     assert result.scores.shape == (len(values),)
     assert (result.scores >= 0).all()
+
+
+@pytest.mark.parametrize("skip", [0, 5, 20, 60])
+def test_padded_batches_take_recon_last_from_the_last_position_alone(
+    model: AnomalyTransformer, values: np.ndarray, skip: int
+) -> None:
+    """Padded batches (GPU, compiled) compute each window's last position alone."""
+    batches = _WindowBatches(model, torch.from_numpy(values), "recon_last", "fp32", 7, False)
+    batches.padded = True
+    with torch.inference_mode():
+        found = _take_from_windows(batches, skip).numpy()
+    expected = _plain_scores(model, values, "recon_last")[skip:]
+    np.testing.assert_allclose(found, expected, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("method", METHODS)
