@@ -43,8 +43,8 @@ class Checkpoint:
         """Score a scaled `(T, C)` series with ``extras["scoring_method"]`` (one network for every
         ``entity``), smoothed over ``score_smoothing`` rows; the result covers ``values[skip:]``.
 
-        The network runs in ``scoring_precision`` of its device (bf16 on a GPU); calibration and
-        scoring on the same kind of device therefore see the same scores.
+        The network runs in its device's ``scoring_precision`` (bf16 on a GPU that has it), so
+        calibration and scoring on the same kind of device see the same scores.
         """
         method, smoothing = self.extras["scoring_method"], self.score_smoothing
         base = SENSOR_NORMALISED.get(method, method)

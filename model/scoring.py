@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from model.config import Precision
-from model.device import resolve_device
+from model.device import accelerated, resolve_device
 from model.losses import association_discrepancy
 from model.network import AnomalyTransformer, at_least_float32
 from model.steps import compile_options
@@ -70,9 +70,10 @@ def window_contributions(
 
 
 def scoring_precision(device: torch.device) -> Precision:
-    """The pipeline's precision on ``device``: bf16 on a GPU (4.5x the fp32 rate, the same
-    top-0.5% points at 0.99: docs/performance.md), fp32 elsewhere (bf16 is slower on CPUs)."""
-    return "bf16" if device.type == "cuda" else "fp32"
+    """The pipeline's precision on ``device``: bf16 on a GPU with bf16 support (4.5x the fp32
+    rate, the same top-0.5% points at 0.99: docs/performance.md), fp32 elsewhere (bf16 is slower
+    on CPUs)."""
+    return "bf16" if accelerated(device) else "fp32"
 
 
 def provisional_points(method: str, win_size: int) -> int:
