@@ -97,7 +97,7 @@ def layer_inputs(shape: Shape, device: torch.device) -> tuple[AnomalyAttention, 
     attention = AnomalyAttention(cfg).to(device)
     h = torch.randn(shape.batch, shape.length, d_model, device=device)
     with torch.no_grad():
-        q, k, v, raw_sigma = attention._heads(h)
+        q, k, v, raw_sigma = attention._packed_heads(h)
     return attention, (q, k, v, squash_sigma(raw_sigma))
 
 

@@ -119,7 +119,10 @@ class AnomalyAttention(nn.Module):
         half_sq_distance = -0.5 * (index[:, None] - index[None, :]) ** 2  # (L, L)
         self.register_buffer("half_sq_distance", half_sq_distance, persistent=False)
 
-    def _heads(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _packed_heads(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Q, K, V `(B, H, L, E)` and raw sigma `(B, H, L)` as views of one product with
+        ``in_proj``: what the plain attention products fuse with best under Inductor (the
+        compiled training step is 3% slower with ``_queries_keys_values``; docs/performance.md)."""
         batch, length, _ = h.shape
         d, n_heads = self.d_model, self.n_heads
         q, k, v, raw_sigma = self.in_proj(h).split([d, d, d, n_heads], dim=-1)
@@ -127,13 +130,41 @@ class AnomalyAttention(nn.Module):
         q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))  # each (B, H, L, E)
         return q, k, v, raw_sigma.transpose(1, 2)  # raw_sigma (B, H, L)
 
+    def _queries_keys_values(
+        self, h: torch.Tensor, *, last_query: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """Q, K, V `(B, H, L, E)` of ``h`` `(B, L, d)` (with ``last_query``, Q of the last row
+        only: `(B, H, 1, E)`), each its own product with a slice of ``in_proj``.
+
+        Contiguous tensors for the fused kernels: cuDNN's attention copied the strided views of
+        one packed product (18% of the scoring time), and the Triton kernels' training step is
+        21% faster with these (docs/performance.md).
+        """
+        batch, d, n_heads = h.shape[0], self.d_model, self.n_heads
+        weight, bias = self.in_proj.weight, self.in_proj.bias
+        shape = (batch, -1, n_heads, d // n_heads)
+        queries = h[:, -1:] if last_query else h
+        q, k, v = (
+            F.linear(rows, weight[i * d : (i + 1) * d], bias[i * d : (i + 1) * d])
+            .reshape(shape)
+            .transpose(1, 2)
+            for i, rows in enumerate((queries, h, h))
+        )
+        return q, k, v
+
+    def _raw_sigma(self, h: torch.Tensor) -> torch.Tensor:
+        """The sigma rows of ``in_proj`` applied to ``h``: `(B, H, L)`."""
+        d = self.d_model
+        weight, bias = self.in_proj.weight[3 * d :], self.in_proj.bias[3 * d :]
+        return F.linear(h, weight, bias).transpose(1, 2)
+
     def _merge(self, heads: torch.Tensor) -> torch.Tensor:
         batch, _, length, _ = heads.shape
         merged = heads.transpose(1, 2).reshape(batch, length, self.d_model)  # (B, L, d)
         return self.out_proj(merged)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        q, k, v, raw_sigma = self._heads(h)
+        q, k, v, raw_sigma = self._packed_heads(h)
         sigma = squash_sigma(raw_sigma)  # (B, H, L)
         heads, series, prior = self.associations(q, k, v, sigma)
         return self._merge(heads), series, prior, sigma
@@ -166,28 +197,15 @@ class AnomalyAttention(nn.Module):
             raise ValueError(
                 f"invalid dropout={self.dropout_p} for fused attention: expected 0 while training"
             )
-        q, k, v, raw_sigma = self._heads(h)
-        heads, series_side, prior_side = anomaly_attention(q, k, v, squash_sigma(raw_sigma))
+        q, k, v = self._queries_keys_values(h)
+        sigma = squash_sigma(self._raw_sigma(h))  # (B, H, L)
+        heads, series_side, prior_side = anomaly_attention(q, k, v, sigma)
         return self._merge(heads), series_side, prior_side
 
     def reconstruct(self, h: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:
         """The attention output alone, through fused attention (no association tensors):
-        `(B, L, d)`, or `(B, 1, d)` for the last query only.
-
-        Q, K and V are three products with slices of ``in_proj`` (no sigma), each contiguous:
-        fused attention copies the strided views of one packed product first (18% of the
-        scoring time on an H200, docs/performance.md).
-        """
-        batch, d, n_heads = h.shape[0], self.d_model, self.n_heads
-        weight, bias = self.in_proj.weight, self.in_proj.bias
-        rows = h[:, -1:] if last_only else h
-        shape = (batch, -1, n_heads, d // n_heads)
-        q, k, v = (
-            F.linear(x, weight[i * d : (i + 1) * d], bias[i * d : (i + 1) * d])
-            .reshape(shape)
-            .transpose(1, 2)  # (B, H, L or 1, E)
-            for i, x in enumerate((rows, h, h))
-        )
+        `(B, L, d)`, or `(B, 1, d)` for the last query only."""
+        q, k, v = self._queries_keys_values(h, last_query=last_only)
         dropout = self.dropout_p if self.training else 0.0
         heads = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, H, L, E)
         return self._merge(heads)

@@ -101,7 +101,7 @@ def test_half_precision_is_as_close_to_fp32_as_the_plain_path() -> None:
     triton-lang/triton#11584): output, rows, dq, dk, dv, dsigma against plain fp32."""
     attention = _attention(20, 16)
     with torch.no_grad():
-        q, k, v, raw_sigma = attention._heads(torch.randn(2, 20, attention.d_model))
+        q, k, v, raw_sigma = attention._packed_heads(torch.randn(2, 20, attention.d_model))
     sigma = squash_sigma(raw_sigma)
     weights = torch.randn(q.shape)
 
@@ -136,7 +136,7 @@ def test_every_kernel_config_matches_the_plain_attention(config: KernelConfig) -
     """Per head: output, rows, and each term's gradients to q, k, v and sigma (L=37, E=24)."""
     attention = _attention(37, 24)
     with torch.no_grad():
-        q, k, v, raw_sigma = attention._heads(torch.randn(2, 37, attention.d_model))
+        q, k, v, raw_sigma = attention._packed_heads(torch.randn(2, 37, attention.d_model))
     inputs = [t.detach().requires_grad_() for t in (q, k, v, squash_sigma(raw_sigma))]
     heads, series, prior = attention.associations(*inputs)
     fused_heads, series_side, prior_side = anomaly_attention(*inputs, config=config)
