@@ -90,15 +90,16 @@ def parse_args() -> argparse.Namespace:
 
 
 def layer_inputs(shape: Shape, device: torch.device) -> tuple[AnomalyAttention, Inputs]:
-    """A fresh attention layer and its q, k, v (strided views of the projection) and sigma."""
+    """A fresh attention layer, its q, k, v (contiguous, as the fused path gets them), sigma."""
     torch.manual_seed(0)
     d_model = shape.heads * shape.head_dim
     cfg = ModelConfig(n_channels=1, win_size=shape.length, d_model=d_model, n_heads=shape.heads)
     attention = AnomalyAttention(cfg).to(device)
     h = torch.randn(shape.batch, shape.length, d_model, device=device)
     with torch.no_grad():
-        q, k, v, raw_sigma = attention._packed_heads(h)
-    return attention, (q, k, v, squash_sigma(raw_sigma))
+        q, k, v = attention._queries_keys_values(h)  # the inputs discrepancy_rows gives them
+        sigma = squash_sigma(attention._raw_sigma(h))
+    return attention, (q, k, v, sigma)
 
 
 def plain_objective(attention: AnomalyAttention) -> Objective:
