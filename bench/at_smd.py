@@ -166,6 +166,7 @@ def fit_model(parts: list[Prepared], seed: int, args: argparse.Namespace) -> tup
         device=args.device,
         precision=args.precision,
         compile=args.compile,
+        attention=args.attention,
         max_epochs=args.epochs,
         stride=args.stride,
         max_steps=20 if args.quick else None,
@@ -279,9 +280,13 @@ def _load_scores(parts: dict[str, Prepared], paths: list[Path]) -> PerEntity:
     return per_entity
 
 
-def configuration_ensemble(parts: dict[str, Prepared], folders: list[PerEntity]) -> PerEntity:
+def configuration_ensemble(
+    parts: dict[str, Prepared], folders: list[PerEntity], rescale: bool = True
+) -> PerEntity:
     """Per entity, seed and variant: the mean over configurations (``folders``) of each one's
-    scores divided by their tail level; seeds missing from a configuration are left out."""
+    scores, divided by their tail level where ``rescale`` (else as they are: the product's
+    ensemble of ``*_norm`` scores, already on one scale per sensor); seeds missing from a
+    configuration are left out."""
     combined: PerEntity = {}
     for name, part in parts.items():
         seeds = set.intersection(*(set(folder[name]) for folder in folders))
@@ -289,7 +294,8 @@ def configuration_ensemble(parts: dict[str, Prepared], folders: list[PerEntity])
             seed: {
                 variant: np.mean(
                     [
-                        f[name][seed][variant] / _tail_level(f[name][seed][variant][part.tail])
+                        f[name][seed][variant]
+                        / (_tail_level(f[name][seed][variant][part.tail]) if rescale else 1.0)
                         for f in folders
                     ],
                     axis=0,
@@ -313,7 +319,10 @@ def rows_from_scores(
     for path in paths:
         by_folder.setdefault(path.parent, []).append(path)
     folders = [_load_scores(parts, files) for files in by_folder.values()]
-    per_entity = folders[0] if len(folders) == 1 else configuration_ensemble(parts, folders)
+    rescale = args.ensemble == "rescaled"
+    per_entity = (
+        folders[0] if len(folders) == 1 else configuration_ensemble(parts, folders, rescale)
+    )
     extra = _extra(args, float("nan"), 0)
     return [
         row
@@ -386,6 +395,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    parser.add_argument("--attention", choices=["plain", "fused"], default="plain")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps (smoke test)")
     parser.add_argument("--scores-out", type=Path, help="save scores, skip metrics (global)")
     parser.add_argument(
@@ -396,6 +406,12 @@ def main() -> None:
         help="unsmoothed variants --scores-out keeps (smoothing is recomputed from them)",
     )
     parser.add_argument("--from-scores", type=Path, nargs="+", help="metrics of saved scores")
+    parser.add_argument(
+        "--ensemble",
+        choices=["rescaled", "mean"],
+        default="rescaled",
+        help="combine configurations' scores each divided by its tail median, or as they are",
+    )
     parser.add_argument("--save-errors", type=Path, help="folder for per-sensor errors (global)")
     parser.add_argument("--out", type=Path, help="folder for at_smd.csv (appended per entity)")
     args = parser.parse_args()

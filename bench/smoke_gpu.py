@@ -1,5 +1,6 @@
-"""GPU smoke run of the public API: fit's compiled bf16 path, determinism, every scoring method,
-and that a point's bf16 score on the GPU does not depend on how its series is cut into calls.
+"""GPU smoke run of the public API: fit's compiled bf16 path (plain and fused attention),
+determinism, every scoring method, and that a point's bf16 score on the GPU does not depend on
+how its series is cut into calls.
 
 From the repository root on a CUDA machine: ``python3 -m bench.smoke_gpu``. Prints one line per
 check and raises on the first failure.
@@ -8,6 +9,7 @@ check and raises on the first failure.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -23,8 +25,8 @@ def _fit(train_cfg: TrainConfig, train: list[np.ndarray], val: list[np.ndarray])
     result = fit(ModelConfig(n_channels=38), train_cfg, train, val)
     history = result.history.to_dict()
     print(
-        f"fit {train_cfg.precision} compile={train_cfg.compile} deterministic="
-        f"{train_cfg.deterministic}: {time.perf_counter() - started:.1f} s, "
+        f"fit {train_cfg.precision} compile={train_cfg.compile} {train_cfg.attention} "
+        f"deterministic={train_cfg.deterministic}: {time.perf_counter() - started:.1f} s, "
         f"steps {history['steps']}, "
         f"val_rec {[round(v, 4) for v in history['val_rec']]}, best epoch {history['best_epoch']}",
         flush=True,
@@ -39,6 +41,8 @@ def main() -> None:
     fast_cfg = TrainConfig(precision="bf16", compile=True, max_epochs=3, stride=10, progress=False)
     model = _fit(fast_cfg, train, val)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    fused = _fit(replace(fast_cfg, attention="fused"), train, val)
+    assert all(torch.isfinite(p).all() for p in fused.parameters())
     exact = TrainConfig(deterministic=True, max_epochs=1, stride=50, progress=False, seed=3)
     first, second = (_fit(exact, train, val).state_dict() for _ in range(2))
     same = all(torch.equal(first[name], second[name]) for name in first)

@@ -15,6 +15,8 @@ BENCHMARK_LAYOUTS = [k for k in INGEST_KINDS if k not in ("csv", "parquet")]
 COLUMN_OPTIONS = ("entity", "timestamp", "label", "sensor", "value")
 # TrainFlowParams.detector's values (not imported here: the parser stays free of torch).
 TRAIN_MODELS = ["anomaly_transformer", "pca", "knn", "max_z", "isolation_forest"]
+# flows.params.train_preset's names, likewise.
+TRAIN_PRESETS = ["default", "reference", "demo"]
 # TrainFlowParams.scoring_method's values, likewise.
 SCORING_METHODS = ["recon_mean_norm", "recon_mean", "recon_last", "reference_last"]
 
@@ -51,9 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--preset",
-        choices=["reference", "demo"],
-        default="reference",
-        help="reference: the paper's architecture; demo: a small CPU-friendly model",
+        choices=TRAIN_PRESETS,
+        default="default",
+        help=(
+            "default: the ensemble of windows 25 and 100 (docs/at_smd.md); reference: the "
+            "paper's architecture alone; demo: a small CPU-friendly model"
+        ),
     )
     train.add_argument(
         "--train-end",
@@ -78,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     train.add_argument(
         "--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 on a CUDA GPU"
+    )
+    train.add_argument(
+        "--attention",
+        choices=["auto", "plain", "fused"],
+        help="auto: the fused Triton kernels on a CUDA GPU where the model allows them",
     )
     train.add_argument("--alpha", type=float, help="target false-alarm rate of the threshold")
     train.add_argument(
@@ -174,10 +184,10 @@ def _train_params(args: argparse.Namespace) -> Any:
     """The preset's parameters with the options given, validated as the flow validates them."""
     from pydantic import ValidationError
 
-    from flows.params import DEMO_TRAINING, TrainFlowParams
+    from flows.params import TrainFlowParams, train_preset
     from tasks.errors import AtpError
 
-    base = DEMO_TRAINING if args.preset == "demo" else TrainFlowParams()
+    base = train_preset(args.preset)
     params = base.model_dump()
     params.update(
         source=args.source,
@@ -195,6 +205,7 @@ def _train_params(args: argparse.Namespace) -> Any:
             max_steps=args.max_steps,
             device=args.device,
             precision=args.precision,
+            attention=args.attention,
         )
     )
     params["calibration"].update(

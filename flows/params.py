@@ -30,6 +30,10 @@ class ModelParams(BaseModel):
         return ModelConfig(n_channels=n_channels, **self.model_dump())
 
 
+# Chosen on the shared SMD, NAB, SKAB and UCR data (docs/at_smd.md, 2026-12-03).
+DEFAULT_ENSEMBLE = (ModelParams(win_size=25), ModelParams(win_size=100, d_model=128, d_ff=128))
+
+
 class TrainingParams(BaseModel):
     """Optimisation; defaults follow the reference (Adam 1e-4, batch 256, LR halving)."""
 
@@ -47,6 +51,13 @@ class TrainingParams(BaseModel):
     )
     compile: bool | None = Field(
         None, description="torch.compile the training step; default: where precision auto is bf16"
+    )
+    attention: Literal["auto", "plain", "fused"] = Field(
+        "auto",
+        description=(
+            "auto: the fused Triton kernels on a CUDA GPU with bf16 support where the model "
+            "allows them (window <= 128, no dropout), else plain PyTorch attention"
+        ),
     )
 
     def to_config(self) -> TrainConfig:
@@ -125,15 +136,32 @@ class TrainFlowParams(BaseModel):
         "anomaly_transformer",
         description=(
             "the model trained: the Anomaly Transformer, or a baseline fitted per entity on the "
-            "same scaled fit part and split (model.win_size still sets the split, training.seed "
-            "seeds isolation_forest; the other model and training settings are unused)"
+            "same scaled fit part and split (the longest of models' win_size still sets the "
+            "split, training.seed seeds isolation_forest; the other model and training settings "
+            "are unused)"
         ),
     )
-    model: ModelParams = ModelParams()
+    models: list[ModelParams] = Field(
+        default_factory=lambda: list(DEFAULT_ENSEMBLE),
+        min_length=1,
+        description=(
+            "the Anomaly Transformer's networks: one, or several whose per-sensor errors are "
+            "averaged (an ensemble); default: window 25 with d_model 512 and window 100 with "
+            "d_model 128, the best on the shared SMD machines (docs/at_smd.md)"
+        ),
+    )
     training: TrainingParams = TrainingParams()
     calibration: CalibrationParams = CalibrationParams()
     gate: GateParams = GateParams()
     promote: bool = Field(False, description="make the new version champion if it passes the gate")
+
+    @property
+    def win_size(self) -> int:
+        """The longest window of ``models``: what a point's score reads, and sets the split."""
+        return max(model.win_size for model in self.models)
+
+    def network_configs(self, n_channels: int) -> list[ModelConfig]:
+        return [model.to_config(n_channels) for model in self.models]
 
     def gate_settings(self) -> dict[str, object]:
         """The gate's keyword arguments, with the default budget resolved from the calibration."""
@@ -142,9 +170,26 @@ class TrainFlowParams(BaseModel):
 
 
 DEMO_TRAINING = TrainFlowParams(
-    model=ModelParams(d_model=64, n_heads=4, e_layers=2, d_ff=64),
+    models=[ModelParams(d_model=64, n_heads=4, e_layers=2, d_ff=64)],
     training=TrainingParams(max_epochs=3, max_steps=300, batch_size=64, stride=5, lr=1e-3),
     promote=True,
     # The demo always serves its model; the gate's decision is still logged (as "forced").
     gate=GateParams(force=True),
 )
+
+
+def train_preset(name: str) -> TrainFlowParams:
+    """``default``: the ensemble of ``DEFAULT_ENSEMBLE``; ``reference``: the paper's architecture
+    alone; ``demo``: ``DEMO_TRAINING``.
+
+    Raises:
+        ValueError: another name.
+    """
+    presets = {
+        "default": TrainFlowParams(),
+        "reference": TrainFlowParams(models=[ModelParams()]),
+        "demo": DEMO_TRAINING,
+    }
+    if name not in presets:
+        raise ValueError(f"invalid preset {name!r}: expected one of {sorted(presets)}")
+    return presets[name]

@@ -28,13 +28,13 @@ def training_flow(params: TrainFlowParams = TrainFlowParams()) -> TrainingSummar
         settings.warehouse_url,
         contract,
         run_dir / "dataset",
-        win_size=params.model.win_size,
+        win_size=params.win_size,
         val_fraction=params.training.val_fraction,
         train_end=params.train_end,
     )
     trained = train_model_task(
         dataset,
-        params.model.to_config(n_channels=len(contract.sensor_names)),
+        params.network_configs(n_channels=len(contract.sensor_names)),
         params.training.to_config(),
         run_dir / "trained.ckpt",
         scoring_method=params.scoring_method,

@@ -1,6 +1,7 @@
-"""What the pipeline scores with: an Anomaly Transformer checkpoint or a baseline detector's.
+"""What the pipeline scores with: an Anomaly Transformer checkpoint, an ensemble of them
+(:mod:`model.ensemble`) or a baseline detector's.
 
-Both kinds are one file, loaded with ``torch.load(weights_only=True)`` by
+Every kind is one file, loaded with ``torch.load(weights_only=True)`` by
 :func:`load_scoring_model`, and satisfy :class:`ScoringModel`, so that calibration, evaluation,
 registration, scheduled scoring and the MLflow pyfunc treat them alike.
 """
@@ -14,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from model import checkpoint, detector_checkpoint
+from model import checkpoint, detector_checkpoint, ensemble
 from model.device import resolve_device
 from model.scoring import ScoreResult
 
@@ -68,6 +69,7 @@ def _detectors(payload: dict[str, Any], path: Path, _: torch.device) -> ScoringM
 
 LOADERS: dict[str, Callable[[dict[str, Any], Path, torch.device], ScoringModel]] = {
     checkpoint.FORMAT: checkpoint.checkpoint_from_payload,
+    ensemble.FORMAT: ensemble.ensemble_from_payload,
     detector_checkpoint.FORMAT: _detectors,
 }
 

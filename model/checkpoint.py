@@ -25,7 +25,7 @@ from model.scoring import (
     provisional_points,
     score_series,
     scoring_precision,
-    trailing_mean,
+    smoothed,
 )
 
 FORMAT = "anomaly-transformer-checkpoint/1"
@@ -47,30 +47,43 @@ class Checkpoint:
         calibration and scoring on the same kind of device see the same scores.
         """
         method, smoothing = self.extras["scoring_method"], self.score_smoothing
-        base = SENSOR_NORMALISED.get(method, method)
+        if method not in SENSOR_NORMALISED and smoothing == 1:
+            return self._score_series(values, method, skip, batch_size)
         first = max(0, skip - (smoothing - 1))  # the rows the smoothing of row ``skip`` reads
+        contributions = self.sensor_contributions(
+            values, entity=entity, skip=first, batch_size=batch_size, method=method
+        )
+        return smoothed(contributions, smoothing, skip - first)
+
+    def sensor_contributions(
+        self, values: np.ndarray, *, entity: str, skip: int, batch_size: int, method: str
+    ) -> np.ndarray:
+        """Unsmoothed per-sensor errors `(T - skip, C)` by ``method``; a ``SENSOR_NORMALISED``
+        method divides each sensor's by ``entity``'s scale in ``extras["sensor_scales"]``."""
+        base = SENSOR_NORMALISED.get(method, method)
+        contributions = self._score_series(values, base, skip, batch_size).contributions
+        if base == method:
+            return contributions
+        scales = self.extras.get("sensor_scales", {})
+        if entity not in scales:
+            raise ValueError(
+                f"invalid checkpoint: scoring method {method!r} needs sensor_scales for "
+                f"entity {entity!r}; it has them for {sorted(scales)}"
+            )
+        return (contributions / np.asarray(scales[entity])).astype(np.float32)
+
+    def _score_series(
+        self, values: np.ndarray, method: str, skip: int, batch_size: int
+    ) -> ScoreResult:
         device = next(self.model.parameters()).device
-        result = score_series(
+        return score_series(
             self.model,
             values,
-            base,
-            skip=first,
+            method,
+            skip=skip,
             batch_size=batch_size,
             precision=scoring_precision(device),
         )
-        contributions = result.contributions
-        if base != method:
-            scales = self.extras.get("sensor_scales", {})
-            if entity not in scales:
-                raise ValueError(
-                    f"invalid checkpoint: scoring method {method!r} needs sensor_scales for "
-                    f"entity {entity!r}; it has them for {sorted(scales)}"
-                )
-            contributions = (contributions / np.asarray(scales[entity])).astype(np.float32)
-        if base == method and smoothing == 1:
-            return result
-        contributions = trailing_mean(contributions, smoothing)[skip - first :]
-        return ScoreResult(contributions.sum(axis=1), contributions)
 
     @property
     def score_smoothing(self) -> int:
@@ -104,19 +117,37 @@ def save_checkpoint(
     Raises:
         ValueError: ``extras`` is not JSON-serialisable, or ``model_cfg`` is not the model's.
     """
+    write_payload(path, checkpoint_payload(model, model_cfg, extras))
+
+
+def checkpoint_payload(
+    model: AnomalyTransformer, model_cfg: ModelConfig, extras: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What ``save_checkpoint`` writes: format, config, CPU weights and the extras as JSON.
+
+    Raises:
+        ValueError: as ``save_checkpoint``.
+    """
     if model_cfg != model.cfg:
         raise ValueError(f"invalid model_cfg {model_cfg}: the model was built with {model.cfg}")
-    try:
-        extras_json = json.dumps(extras or {}, allow_nan=False)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"invalid extras: not JSON-serialisable ({error})") from error
-    payload = {
+    return {
         "format": FORMAT,
         "model_config": model_cfg.to_dict(),
         "state_dict": {name: t.detach().cpu() for name, t in model.state_dict().items()},
-        "extras_json": extras_json,
+        "extras_json": extras_json(extras or {}),
     }
-    write_payload(path, payload)
+
+
+def extras_json(extras: dict[str, Any]) -> str:
+    """``extras`` as strict JSON (no NaN).
+
+    Raises:
+        ValueError: ``extras`` is not JSON-serialisable.
+    """
+    try:
+        return json.dumps(extras, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"invalid extras: not JSON-serialisable ({error})") from error
 
 
 def write_payload(path: str | Path, payload: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 Precision = Literal["fp32", "bf16"]
 MinimaxMode = Literal["surrogate", "two_backward"]
-AttentionMode = Literal["plain", "fused"]
+AttentionMode = Literal["auto", "plain", "fused"]
 
 # The pipeline's default score (``model.scoring``) and its smoothing, chosen on the shared SMD
 # machines (docs/at_smd.md): recon_mean with per-sensor division, averaged over 10 rows.
@@ -74,7 +74,8 @@ class TrainConfig:
     compile: bool = False
     grad_clip: float | None = None
     minimax: MinimaxMode = "surrogate"
-    attention: AttentionMode = "plain"  # "fused": Triton kernels (model.fused_attention), CUDA
+    attention: AttentionMode = "plain"  # "fused": Triton kernels (model.fused_attention), CUDA;
+    # "auto": fused where they run on a GPU with bf16 support (model.steps.resolve_attention)
     lr_halving: bool = True
     device: str = "auto"
     progress: bool = True
@@ -103,7 +104,10 @@ class TrainConfig:
             "'surrogate' or 'two_backward'",
         )
         _require(
-            self.attention in ("plain", "fused"), "attention", self.attention, "'plain' or 'fused'"
+            self.attention in ("auto", "plain", "fused"),
+            "attention",
+            self.attention,
+            "'auto', 'plain' or 'fused'",
         )
         _require(
             not (self.compile and self.minimax == "two_backward"),

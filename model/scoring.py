@@ -105,6 +105,13 @@ def trailing_mean(contributions: np.ndarray, width: int) -> np.ndarray:
     return ((sums[ends] - sums[starts]) / (ends - starts)[:, None]).astype(np.float32)
 
 
+def smoothed(contributions: np.ndarray, smoothing: int, skip: int) -> ScoreResult:
+    """Per-sensor errors averaged over the ``smoothing`` rows ending at each row
+    (``trailing_mean``), from row ``skip`` on (the rows before are the smoothing's context)."""
+    rows = trailing_mean(contributions, smoothing)[skip:]
+    return ScoreResult(rows.sum(axis=1), rows)
+
+
 def sensor_error_scales(contributions: np.ndarray) -> np.ndarray:
     """Each sensor's mean error `(C,)` over held-out normal points `(T, C)`: what the
     ``SENSOR_NORMALISED`` methods divide that sensor's error by."""

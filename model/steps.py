@@ -6,10 +6,12 @@ import contextlib
 import importlib.util
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 
 from model.config import ModelConfig, Precision, TrainConfig
+from model.device import accelerated
 from model.losses import (
     MinimaxLosses,
     fused_minimax_losses,
@@ -36,32 +38,53 @@ def compile_options(cuda_graphs: bool) -> dict[str, bool]:
     return {"online_softmax": False, "triton.cudagraphs": cuda_graphs}
 
 
-def check_attention(train_cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> None:
-    """Raise ``ValueError`` if ``train_cfg.attention`` cannot run on ``device``.
+def fused_attention_blocker(model_cfg: ModelConfig, device: torch.device) -> str | None:
+    """Why the fused Triton kernels cannot train ``model_cfg`` on ``device``; None if they can.
 
-    ``"fused"`` needs Triton and a CUDA device; on CPU only Triton's interpreter runs the kernels
-    (``TRITON_INTERPRET=1`` set before Triton is imported: for tests).
+    They need Triton and a CUDA device (on CPU only Triton's interpreter runs them:
+    ``TRITON_INTERPRET=1`` set before Triton is imported, for tests), ``win_size <= 128``, a head
+    dimension ``<= 256`` and no dropout.
     """
-    if train_cfg.attention != "fused":
-        return
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if device.type != "cuda" and not interpreted:
-        raise ValueError(
-            f"invalid attention='fused' on device {device}: expected a CUDA device "
+        return (
+            f"attention='fused' on device {device}: expected a CUDA device "
             "(the Triton kernels run on GPUs; use attention='plain')"
         )
     if importlib.util.find_spec("triton") is None:
-        raise ValueError(
-            "invalid attention='fused': Triton is not installed (it ships with CUDA builds of "
-            "torch; use attention='plain')"
+        return (
+            "attention='fused': Triton is not installed (it ships with CUDA builds of torch; "
+            "use attention='plain')"
         )
-    from model.fused_attention import MAX_WINDOW
+    from model.fused_attention import MAX_HEAD_DIM, MAX_WINDOW
 
-    if model_cfg.win_size > MAX_WINDOW:
-        raise ValueError(
-            f"invalid attention='fused' with win_size={model_cfg.win_size}: expected "
-            f"win_size <= {MAX_WINDOW}"
+    head_dim = model_cfg.d_model // model_cfg.n_heads
+    if model_cfg.win_size > MAX_WINDOW or head_dim > MAX_HEAD_DIM:
+        return (
+            f"attention='fused' with win_size={model_cfg.win_size}, head dimension {head_dim}: "
+            f"expected win_size <= {MAX_WINDOW} and d_model / n_heads <= {MAX_HEAD_DIM}"
         )
+    if model_cfg.dropout:
+        return f"attention='fused' with dropout={model_cfg.dropout}: expected dropout=0"
+    return None
+
+
+def resolve_attention(
+    train_cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device
+) -> TrainConfig:
+    """``train_cfg`` with ``attention="auto"`` resolved: ``"fused"`` where the kernels can run on
+    a GPU with bf16 support (the fastest training path, docs/performance.md), else ``"plain"``.
+
+    Raises:
+        ValueError: ``attention="fused"`` where it cannot run (``fused_attention_blocker``).
+    """
+    blocker = fused_attention_blocker(model_cfg, device)
+    if train_cfg.attention == "auto":
+        fused = accelerated(device) and blocker is None
+        return replace(train_cfg, attention="fused" if fused else "plain")
+    if train_cfg.attention == "fused" and blocker is not None:
+        raise ValueError(f"invalid {blocker}")
+    return train_cfg
 
 
 def make_optimizer(model: torch.nn.Module, train_cfg: TrainConfig) -> torch.optim.Adam:
@@ -75,11 +98,12 @@ class TrainStep:
 
     With ``train_cfg.compile`` the forward pass and the losses are compiled (on CUDA with CUDA
     graphs, as ``mode="reduce-overhead"``); a ``backend`` other than ``"inductor"`` is for checking
-    the compiled path cheaply (e.g. ``"eager"``). With ``train_cfg.attention="fused"`` the
-    attention, prior and discrepancy rows run in the Triton kernels of ``model.fused_attention``.
+    the compiled path cheaply (e.g. ``"eager"``). With ``train_cfg.attention="fused"`` (or
+    ``"auto"`` on a GPU) the attention, prior and discrepancy rows run in the Triton kernels of
+    ``model.fused_attention``.
 
     Raises:
-        ValueError: ``attention="fused"`` where it cannot run (``check_attention``).
+        ValueError: ``attention="fused"`` where it cannot run (``resolve_attention``).
     """
 
     def __init__(
@@ -93,9 +117,8 @@ class TrainStep:
         self.model = model
         self.optimizer = optimizer
         self.k = model_cfg.k
-        self.train_cfg = train_cfg
         self.device = next(model.parameters()).device
-        check_attention(train_cfg, model_cfg, self.device)
+        self.train_cfg = train_cfg = resolve_attention(train_cfg, model_cfg, self.device)
         on_cuda = self.device.type == "cuda"
         self.cuda_graphs = train_cfg.compile and backend == "inductor" and on_cuda
         self.losses = self._eager_losses

@@ -17,10 +17,10 @@ from model.device import resolve_device
 from model.network import AnomalyTransformer
 from model.steps import (
     TrainStep,
-    check_attention,
     deterministic_mode,
     epoch_batches,
     make_optimizer,
+    resolve_attention,
     validation_rec,
 )
 from model.windows import WindowSet
@@ -142,7 +142,7 @@ def fit(
 
     Raises:
         ValueError: empty ``train_series``, a series of the wrong shape or with NaN/inf, or
-            ``train_cfg.attention="fused"`` where it cannot run (no CUDA device or no Triton).
+            ``train_cfg.attention="fused"`` where it cannot run (``resolve_attention``).
         RuntimeError: the training loss became NaN/inf.
     """
     if len(train_series) == 0:
@@ -150,7 +150,7 @@ def fit(
     check_series(train_series, model_cfg, "train_series")
     check_series(val_series, model_cfg, "val_series")
     device = resolve_device(train_cfg.device)
-    check_attention(train_cfg, model_cfg, device)
+    train_cfg = resolve_attention(train_cfg, model_cfg, device)
     with deterministic_mode(train_cfg.deterministic):
         torch.manual_seed(train_cfg.seed)
         model = AnomalyTransformer(model_cfg).to(device)

@@ -1,13 +1,15 @@
 """Train a model on a windowed dataset and save a self-contained checkpoint.
 
-The model is the Anomaly Transformer (``detector="anomaly_transformer"``) or a baseline detector of
-:mod:`model.baselines` fitted per entity on the same scaled fit parts; both checkpoints carry the
+The model is the Anomaly Transformer (``detector="anomaly_transformer"``; one network, or an
+ensemble of networks of different windows) or a baseline detector of
+:mod:`model.baselines` fitted per entity on the same scaled fit parts; every checkpoint carries the
 same extras, so calibration, evaluation, registration and scoring treat them alike.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,12 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from model.checkpoint import save_checkpoint
+from model.artifact import ScoringModel
+from model.checkpoint import Checkpoint
 from model.config import ModelConfig, TrainConfig
 from model.detector_checkpoint import SCORING_METHOD, fit_detectors
 from model.drift import TrainingProfile
+from model.ensemble import EnsembleCheckpoint
 from model.network import AnomalyTransformer
 from model.scoring import SENSOR_NORMALISED, score_series, sensor_error_scales
 from model.train import fit
@@ -90,7 +94,7 @@ def common_extras(dataset: DatasetRef, detector: str, scoring_method: str) -> di
 
 def train_model(
     dataset: DatasetRef,
-    model_cfg: ModelConfig,
+    model_cfgs: Sequence[ModelConfig],
     train_cfg: TrainConfig,
     out_path: Path,
     *,
@@ -100,33 +104,53 @@ def train_model(
 ) -> TrainedModel:
     """Fit ``detector`` on every entity's fit part and save the checkpoint.
 
-    The Anomaly Transformer stops early on the validation tails and scores with
+    The Anomaly Transformer fits one network per config of ``model_cfgs`` (several: an ensemble,
+    :mod:`model.ensemble`), each stopping early on the validation tails, and scores with
     ``scoring_method``, each score averaged over the ``score_smoothing`` rows ending at it; a
-    baseline ignores those and ``model_cfg``, seeded by ``train_cfg.seed``.
+    baseline ignores those and ``model_cfgs``, seeded by ``train_cfg.seed``.
     """
+    if not model_cfgs:
+        raise ValueError("invalid model_cfgs: expected at least one ModelConfig")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if detector != AT:
         return fit_baseline(dataset, detector, train_cfg.seed, out_path)
-    fit_parts, val_parts = zip(*(dataset.load(entity) for entity in dataset.entities), strict=True)
     started = time.perf_counter()
-    result = fit(
-        model_cfg,
-        train_cfg,
-        list(fit_parts),
-        [v for v in val_parts if len(v) >= model_cfg.win_size],
-    )
+    members = [fit_member(dataset, cfg, train_cfg, scoring_method) for cfg in model_cfgs]
     seconds = time.perf_counter() - started
     extras = common_extras(dataset, AT, scoring_method) | {
         "train_config": train_cfg.to_dict(),
         "score_smoothing": score_smoothing,
     }
+    checkpoints = [checkpoint for checkpoint, _ in members]
+    if len(checkpoints) == 1:
+        only = checkpoints[0]
+        scoring_model: ScoringModel = Checkpoint(only.model, only.model_cfg, extras | only.extras)
+        history = members[0][1]
+    else:
+        scoring_model = EnsembleCheckpoint(tuple(checkpoints), extras)
+        history = {
+            f"member{i}.{key}": value
+            for i, (_, member_history) in enumerate(members)
+            for key, value in member_history.items()
+        }
+    scoring_model.save(out_path)
+    n_parameters = sum(p.numel() for c in checkpoints for p in c.model.parameters())
+    return TrainedModel(out_path, history, seconds, n_parameters, scoring_model.model_cfg.win_size)
+
+
+def fit_member(
+    dataset: DatasetRef, model_cfg: ModelConfig, train_cfg: TrainConfig, scoring_method: str
+) -> tuple[Checkpoint, dict[str, Any]]:
+    """One network fit on the entities' fit parts (early stopping on the tails at least one
+    window long), with its own ``sensor_scales`` where ``scoring_method`` needs them; its
+    training history."""
+    fit_parts, val_parts = zip(*(dataset.load(entity) for entity in dataset.entities), strict=True)
+    tails = [v for v in val_parts if len(v) >= model_cfg.win_size]
+    result = fit(model_cfg, train_cfg, list(fit_parts), tails)
+    extras = {}
     if scoring_method in SENSOR_NORMALISED:
         extras["sensor_scales"] = sensor_scales(result.model, dataset, scoring_method)
-    save_checkpoint(out_path, result.model, model_cfg, extras)
-    n_parameters = sum(p.numel() for p in result.model.parameters())
-    return TrainedModel(
-        out_path, result.history.to_dict(), seconds, n_parameters, model_cfg.win_size
-    )
+    return Checkpoint(result.model, model_cfg, extras), result.history.to_dict()
 
 
 def fit_baseline(dataset: DatasetRef, detector: str, seed: int, out_path: Path) -> TrainedModel:

@@ -65,9 +65,13 @@ def smd_folder(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tiny_training() -> TrainFlowParams:
-    """A model small enough to train in seconds on the CPU."""
+    """Models small enough to train in seconds on the CPU: an ensemble of two windows, as the
+    product's default."""
     return TrainFlowParams(
-        model=ModelParams(win_size=20, d_model=16, n_heads=2, e_layers=1, d_ff=16),
+        models=[
+            ModelParams(win_size=20, d_model=16, n_heads=2, e_layers=1, d_ff=16),
+            ModelParams(win_size=12, d_model=8, n_heads=2, e_layers=1, d_ff=8),
+        ],
         training=TrainingParams(max_epochs=1, max_steps=15, batch_size=32, stride=2, lr=1e-3),
         calibration=CalibrationParams(alpha=0.02),
         promote=True,

@@ -84,7 +84,7 @@ def test_baseline_challenger_wins_the_gate_and_serves_the_scoring_flow(
     old, new = _split_csv(_slice_sample(tmp_path / "smd"), tmp_path)
     ingest_flow(str(old), kind="csv", contract="smd")
     params = TrainFlowParams(
-        model=ModelParams(win_size=20),
+        models=[ModelParams(win_size=20)],
         calibration=CalibrationParams(alpha=0.02),
         gate=GateParams(false_alarm_budget=0.5),
         promote=True,

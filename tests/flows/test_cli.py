@@ -75,9 +75,14 @@ def test_train_model_choices_are_the_flow_detectors() -> None:
 
 def test_train_options_left_out_keep_the_preset() -> None:
     demo = _train_params(_parser().parse_args(["train", "--preset=demo"]))
-    reference = _train_params(_parser().parse_args(["train"]))
-    assert demo.model.d_model < reference.model.d_model
-    assert reference.training.precision == "auto" and reference.gate.force is False
+    default = _train_params(_parser().parse_args(["train"]))
+    reference = _train_params(_parser().parse_args(["train", "--preset=reference"]))
+    assert len(demo.models) == 1 and demo.models[0].d_model < 128
+    assert [(m.win_size, m.d_model) for m in default.models] == [(25, 512), (100, 128)]
+    assert default.win_size == 100
+    assert [(m.win_size, m.d_model) for m in reference.models] == [(100, 512)]
+    assert default.training.precision == "auto" and default.gate.force is False
+    assert default.training.attention == "auto"
 
 
 @pytest.mark.parametrize(

@@ -87,7 +87,7 @@ def test_incremental_scoring_equals_one_backfill(
         scoring_flow(source="smd")
     incremental = _scores(atp_env)
     assert len(incremental) == 1000
-    win = tiny_training.model.win_size  # recon_mean: the last win - 1 rows wait for later rows
+    win = tiny_training.win_size  # recon_mean: the last win - 1 rows wait for later rows
     for _, rows in incremental.groupby("entity"):
         assert rows["provisional"].tolist() == [False] * (500 - win + 1) + [True] * (win - 1)
 

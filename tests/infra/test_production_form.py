@@ -61,7 +61,7 @@ MODEL = "prod-form-model"
 INTERVAL_S = 5
 WORKER_QUERY_S = 2  # how often the worker polls for runs to start
 TINY = TrainFlowParams(
-    model=ModelParams(win_size=20, d_model=16, n_heads=2, e_layers=1, d_ff=16),
+    models=[ModelParams(win_size=20, d_model=16, n_heads=2, e_layers=1, d_ff=16)],
     training=TrainingParams(max_epochs=1, max_steps=5, batch_size=32, stride=4, lr=1e-3),
     calibration=CalibrationParams(alpha=0.05),
     gate=GateParams(force=True),  # a 5-step model: the champion this test needs, not the gate's

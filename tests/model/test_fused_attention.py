@@ -22,7 +22,7 @@ from model.fused_attention import (  # noqa: E402
 )
 from model.losses import KL_EPS, association_discrepancy, row_discrepancy  # noqa: E402
 from model.network import AnomalyAttention, AnomalyTransformer, squash_sigma  # noqa: E402
-from model.steps import TrainStep, make_optimizer  # noqa: E402
+from model.steps import TrainStep, make_optimizer, resolve_attention  # noqa: E402
 
 if _SAVED_INTERPRET is None:
     del os.environ["TRITON_INTERPRET"]
@@ -218,11 +218,32 @@ def test_fused_attention_rejects_what_the_kernels_do_not_handle(tiny_cfg: ModelC
         TrainConfig(attention="flash")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="win_size=129"):
         _step(replace(tiny_cfg, win_size=129), replace(FAST, attention="fused"))
-    step = _step(replace(tiny_cfg, dropout=0.1), replace(FAST, attention="fused"))
-    with pytest.raises(ValueError, match="dropout"):
-        step(torch.randn(2, tiny_cfg.win_size, tiny_cfg.n_channels))
+    with pytest.raises(ValueError, match="dropout=0.1"):
+        _step(replace(tiny_cfg, dropout=0.1), replace(FAST, attention="fused"))
+    with pytest.raises(ValueError, match="head dimension 512"):
+        _step(replace(tiny_cfg, d_model=512, n_heads=1), replace(FAST, attention="fused"))
     q = torch.randn(1, 1, 16, 16)
     with pytest.raises(ValueError, match="sigma"):
         anomaly_attention(q, q, q, torch.ones(1, 1, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match="blocks in"):
         anomaly_attention(q, q, q, torch.ones(1, 1, 16), config=SMALL_BLOCKS._replace(kv_keys=24))
+
+
+def test_auto_attention_is_fused_only_on_a_bf16_gpu_the_kernels_can_serve(
+    tiny_cfg: ModelConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``auto`` stays plain on a CPU (even where the interpreter could run the kernels) and on a
+    GPU for windows, head dimensions or dropout the kernels do not handle."""
+    auto = replace(FAST, attention="auto")
+    cpu = torch.device("cpu")
+    assert resolve_attention(auto, tiny_cfg, cpu).attention == "plain"
+    assert _step(tiny_cfg, auto).train_cfg.attention == "plain"
+    monkeypatch.setattr("model.steps.accelerated", lambda device: True)  # a bf16 GPU
+    assert resolve_attention(auto, tiny_cfg, cpu).attention == "fused"
+    for unserved in (
+        replace(tiny_cfg, win_size=129),
+        replace(tiny_cfg, dropout=0.1),
+        replace(tiny_cfg, d_model=512, n_heads=1),
+    ):
+        assert resolve_attention(auto, unserved, cpu).attention == "plain"
+    assert resolve_attention(FAST, tiny_cfg, cpu).attention == "plain"
