@@ -1,6 +1,6 @@
-"""GPU smoke run of the public API: fit's compiled bf16 path (plain and fused attention),
-determinism, every scoring method, and that a point's bf16 score on the GPU does not depend on
-how its series is cut into calls.
+"""GPU smoke run of the public API: fit's compiled bf16 path (plain, fused and auto attention),
+determinism, every scoring method, and that a point's bf16 score on the GPU, of one network or
+an ensemble, does not depend on how its series is cut into calls.
 
 From the repository root on a CUDA machine: ``python3 -m bench.smoke_gpu``. Prints one line per
 check and raises on the first failure.
@@ -9,20 +9,34 @@ check and raises on the first failure.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 import torch
 
 from bench.measure import inject_anomalies, smd_like
-from model.config import ModelConfig, TrainConfig
+from model.checkpoint import Checkpoint
+from model.config import (
+    DEFAULT_SCORE_SMOOTHING,
+    DEFAULT_SCORING_METHOD,
+    ModelConfig,
+    TrainConfig,
+)
+from model.ensemble import EnsembleCheckpoint
 from model.scoring import METHODS, provisional_points, score_series
+from model.steps import resolve_attention
 from model.train import fit
 
 
-def _fit(train_cfg: TrainConfig, train: list[np.ndarray], val: list[np.ndarray]) -> torch.nn.Module:
+def _fit(
+    train_cfg: TrainConfig,
+    train: list[np.ndarray],
+    val: list[np.ndarray],
+    model_cfg: ModelConfig = ModelConfig(n_channels=38),  # noqa: B008
+) -> torch.nn.Module:
     started = time.perf_counter()
-    result = fit(ModelConfig(n_channels=38), train_cfg, train, val)
+    result = fit(model_cfg, train_cfg, train, val)
     history = result.history.to_dict()
     print(
         f"fit {train_cfg.precision} compile={train_cfg.compile} {train_cfg.attention} "
@@ -61,25 +75,45 @@ def main() -> None:
             f"rows sum to the score: {rows_sum}"
         )
         assert np.isfinite(fast.scores).all() and rows_sum and len(eager.scores) == 4_901
+    win = model.cfg.win_size
     for method in ("recon_last", "recon_mean", "reference_last"):
-        _check_cut_invariance(model, test, method)
+
+        def network(values: np.ndarray, method: str = method) -> np.ndarray:
+            return score_series(model, values, method, skip=win - 1, precision="bf16").scores
+
+        _check_cut_invariance(network, test, win - 1, provisional_points(method, win), method)
+    auto, short_cfg = replace(fast_cfg, attention="auto"), ModelConfig(n_channels=38, win_size=25)
+    resolved = resolve_attention(auto, short_cfg, torch.device("cuda")).attention
+    print(f"attention='auto' on this GPU: {resolved}", flush=True)
+    assert resolved == "fused"
+    short = _fit(auto, train, val, short_cfg)
+    scales = {"sensor_scales": {"e": [1.0] * 38}}
+    ensemble = EnsembleCheckpoint(
+        (Checkpoint(model, model.cfg, scales), Checkpoint(short, short.cfg, scales)),
+        {"scoring_method": DEFAULT_SCORING_METHOD, "score_smoothing": DEFAULT_SCORE_SMOOTHING},
+    )
+    context = ensemble.context_points
+
+    def ensemble_scores(values: np.ndarray) -> np.ndarray:
+        return ensemble.score(values, entity="e", skip=context).scores
+
+    lag = ensemble.provisional_points
+    _check_cut_invariance(ensemble_scores, test, context, lag, "ensemble (windows 100 and 25)")
 
 
-def _check_cut_invariance(model: torch.nn.Module, test: np.ndarray, method: str) -> None:
-    """bf16 eager scores of the whole series against two calls split at row ``cut``, each with
-    the context it needs (as a scheduled run and a backfill read them): bit-equal."""
-    win, cut = model.cfg.win_size, 3_000
-    lag = provisional_points(method, win)
-
-    def scores(values: np.ndarray) -> np.ndarray:
-        return score_series(model, values, method, skip=win - 1, precision="bf16").scores
-
+def _check_cut_invariance(
+    scores: Callable[[np.ndarray], np.ndarray], test: np.ndarray, context: int, lag: int, what: str
+) -> None:
+    """bf16 scores of the whole series against two calls split at row ``cut``, each with the
+    ``context`` rows before and, for the first, the ``lag`` provisional rows after (as a
+    scheduled run and a backfill read them): bit-equal."""
+    cut = 3_000
     whole = scores(test)
     parts = np.concatenate(
-        [scores(test[: cut + lag])[: cut - win + 1], scores(test[cut - win + 1 :])]
+        [scores(test[: cut + lag])[: cut - context], scores(test[cut - context :])]
     )
     same = np.array_equal(whole, parts)
-    print(f"score {method}: bf16 on the GPU, whole series vs two calls bit-equal: {same}")
+    print(f"score {what}: bf16 on the GPU, whole series vs two calls bit-equal: {same}")
     assert same
 
 
