@@ -110,11 +110,14 @@ def pip_requirements() -> list[str]:
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested parameters as ``a.b`` keys, the way MLflow shows them."""
+    """Nested parameters as ``a.b`` keys, the way MLflow shows them; a list of mappings (an
+    ensemble's ``models``) as ``a.0.b``, ``a.1.b``..."""
     flat: dict[str, Any] = {}
     for key, value in params.items():
         if isinstance(value, Mapping):
             flat.update(flatten_params(value, f"{prefix}{key}."))
+        elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            flat.update(flatten_params({str(i): v for i, v in enumerate(value)}, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

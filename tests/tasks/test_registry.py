@@ -372,8 +372,15 @@ def test_artifacts_stay_local_unless_a_server_keeps_them(tmp_path: Path) -> None
 
 
 def test_params_are_flattened_with_dotted_keys() -> None:
-    nested = {"a": {"b": 1, "c": {"d": "x"}}, "e": 2}
-    assert flatten_params(nested) == {"a.b": 1, "a.c.d": "x", "e": 2}
+    nested = {"a": {"b": 1, "c": {"d": "x"}}, "e": 2, "models": [{"w": 25}, {"w": 100}], "f": [1]}
+    assert flatten_params(nested) == {
+        "a.b": 1,
+        "a.c.d": "x",
+        "e": 2,
+        "models.0.w": 25,
+        "models.1.w": 100,
+        "f": [1],
+    }
 
 
 def test_only_transient_io_failures_are_retried() -> None:
