@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from model.config import (
     DEFAULT_SCORE_SMOOTHING,
@@ -16,7 +16,13 @@ from model.config import (
 from model.device import accelerated, resolve_device
 
 
-class ModelParams(BaseModel):
+class _Params(BaseModel):
+    """Refuses unknown fields: a misspelt or retired parameter is an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelParams(_Params):
     """Architecture; defaults are the reference implementation's."""
 
     win_size: int = Field(100, ge=2)
@@ -34,7 +40,7 @@ class ModelParams(BaseModel):
 DEFAULT_ENSEMBLE = (ModelParams(win_size=25), ModelParams(win_size=100, d_model=128, d_ff=128))
 
 
-class TrainingParams(BaseModel):
+class TrainingParams(_Params):
     """Optimisation; defaults follow the reference (Adam 1e-4, batch 256, LR halving)."""
 
     max_epochs: int = Field(10, ge=1)
@@ -69,7 +75,7 @@ class TrainingParams(BaseModel):
         return TrainConfig(**fields, precision=precision, compile=compile_step)
 
 
-class CalibrationParams(BaseModel):
+class CalibrationParams(_Params):
     """Threshold fit on the validation tail of the training range (``docs/calibration.md``)."""
 
     method: Literal["conformal", "quantile", "pot", "reference"] = Field(
@@ -88,7 +94,7 @@ class CalibrationParams(BaseModel):
     )
 
 
-class GateParams(BaseModel):
+class GateParams(_Params):
     """Promotion gate: the challenger must beat the champion and keep the false-alarm budget."""
 
     metric: Literal["vus_pr", "auc_pr", "auroc", "f1", "event_recall"] = Field(
@@ -111,7 +117,7 @@ class GateParams(BaseModel):
 ScoringMethod = Literal["recon_mean_norm", "recon_mean", "recon_last", "reference_last"]
 
 
-class TrainFlowParams(BaseModel):
+class TrainFlowParams(_Params):
     """Everything a training run needs besides settings from the environment."""
 
     source: str = "smd"

@@ -136,3 +136,16 @@ def test_contract_infer_writes_a_loadable_draft_and_never_overwrites_silently(
     assert "pumps.yaml exists" in capsys.readouterr().err
     assert (tmp_path / "pumps.yaml").read_text() == before
     assert main(["contract", "infer", "pumps.csv", "--name=pumps", "--overwrite"]) == 0
+
+
+def test_a_retired_or_misspelt_training_parameter_is_refused() -> None:
+    """``model`` (one network) became ``models``: an old deployment fails instead of silently
+    training the default ensemble."""
+    from pydantic import ValidationError
+
+    from flows.params import TrainFlowParams
+
+    with pytest.raises(ValidationError, match="model\n  Extra inputs are not permitted"):
+        TrainFlowParams.model_validate({"model": {"d_model": 64}})
+    with pytest.raises(ValidationError, match="max_epoch\n"):
+        TrainFlowParams.model_validate({"training": {"max_epoch": 3}})
