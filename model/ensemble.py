@@ -67,6 +67,12 @@ class EnsembleCheckpoint:
     members: tuple[Checkpoint, ...]
     extras: dict[str, Any]
 
+    def __post_init__(self) -> None:
+        """Refuses no members, or members of different channels (``EnsembleConfig``)."""
+        if not self.members:
+            raise ValueError("invalid ensemble: expected at least one member")
+        _ = self.model_cfg
+
     @property
     def model_cfg(self) -> EnsembleConfig:
         return EnsembleConfig(tuple(member.model_cfg for member in self.members))
@@ -125,5 +131,4 @@ def ensemble_from_payload(
     if payload.get("format") != FORMAT or not isinstance(members, list) or not members:
         raise ValueError(f"invalid checkpoint {path}: expected {FORMAT!r} with members")
     loaded = tuple(checkpoint_from_payload(member, path, target) for member in members)
-    EnsembleConfig(tuple(member.model_cfg for member in loaded))  # one n_channels
     return EnsembleCheckpoint(loaded, json.loads(payload["extras_json"]))

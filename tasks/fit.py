@@ -114,8 +114,9 @@ def train_model(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if detector != AT:
         return fit_baseline(dataset, detector, train_cfg.seed, out_path)
+    parts = [dataset.load(entity) for entity in dataset.entities]  # (fit part, tail) each
     started = time.perf_counter()
-    members = [fit_member(dataset, cfg, train_cfg, scoring_method) for cfg in model_cfgs]
+    members = [fit_member(dataset, parts, cfg, train_cfg, scoring_method) for cfg in model_cfgs]
     seconds = time.perf_counter() - started
     extras = common_extras(dataset, AT, scoring_method) | {
         "train_config": train_cfg.to_dict(),
@@ -139,14 +140,18 @@ def train_model(
 
 
 def fit_member(
-    dataset: DatasetRef, model_cfg: ModelConfig, train_cfg: TrainConfig, scoring_method: str
+    dataset: DatasetRef,
+    parts: list[tuple[np.ndarray, np.ndarray]],
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    scoring_method: str,
 ) -> tuple[Checkpoint, dict[str, Any]]:
-    """One network fit on the entities' fit parts (early stopping on the tails at least one
-    window long), with its own ``sensor_scales`` where ``scoring_method`` needs them; its
-    training history."""
-    fit_parts, val_parts = zip(*(dataset.load(entity) for entity in dataset.entities), strict=True)
-    tails = [v for v in val_parts if len(v) >= model_cfg.win_size]
-    result = fit(model_cfg, train_cfg, list(fit_parts), tails)
+    """One network fit on the entities' fit parts (``parts``: the dataset's (fit part, tail) per
+    entity), stopping early on the tails at least one window long, with its own
+    ``sensor_scales`` where ``scoring_method`` needs them; its training history."""
+    fit_parts = [fit_part for fit_part, _ in parts]
+    tails = [tail for _, tail in parts if len(tail) >= model_cfg.win_size]
+    result = fit(model_cfg, train_cfg, fit_parts, tails)
     extras = {}
     if scoring_method in SENSOR_NORMALISED:
         extras["sensor_scales"] = sensor_scales(result.model, dataset, scoring_method)
