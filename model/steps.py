@@ -78,6 +78,8 @@ def resolve_attention(
     Raises:
         ValueError: ``attention="fused"`` where it cannot run (``fused_attention_blocker``).
     """
+    if train_cfg.attention == "plain":
+        return train_cfg  # nothing to check, and no Triton import on this path
     blocker = fused_attention_blocker(model_cfg, device)
     if train_cfg.attention == "auto":
         fused = accelerated(device) and blocker is None
