@@ -155,7 +155,7 @@ def run_training(
         rows.append(row)
         if variant.compile and profiles is not None:
             batch_step = partial(last_step, windows.batch(probe_ids))
-            profiles[variant.name] = kernel_profile(batch_step, steps=10)
+            profiles[variant.name] = kernel_profile(batch_step, steps=10, top=40)
     assert last_step is not None
     return rows, last_step
 

@@ -8,10 +8,12 @@ style:
   per-row discrepancy ``sum_j (s_j - p_j) (log(s_j + eps) - log(p_j + eps))`` (the symmetric KL
   of ``model.losses``) and two row statistics for backward, the softmax's log-sum-exp and the
   log of the prior's normaliser;
-* backward dq, one program per block of query rows against every key: dq, dsigma and each row's
-  ``delta = sum_j s_j ds_j`` (the softmax backward's row term);
+* backward dq, one program per block of query rows against every key: dq and dsigma, and the
+  tiles of the series and of its score gradient in the input dtype (what the dk/dv products
+  take), written to two transient `(B, H, L, L)` buffers;
 * backward dk/dv, one program per block of keys walking every query row: dk and dv, without
-  atomics, from the saved statistics and ``delta``.
+  atomics, as products of those tiles with q and the output gradient (no transcendental
+  recomputed twice).
 
 Softmax, prior and KL are float32; ``q``, ``k`` and ``v`` may be bf16. The discrepancy comes out
 twice with the same value, so that the minimax algebra of ``model.losses`` works on rows:
@@ -52,13 +54,15 @@ class KernelConfig(NamedTuple):
     kv_warps: int
 
 
-# What bench.check_fused sweeps on the GPU. The defaults per input dtype are the fastest kernels of
-# its H200 run of 2026-12-03 at B=256, H=8, L=100, E=64 (docs/performance.md).
+# What bench.check_fused sweeps on the GPU. The defaults per input dtype combine the fastest
+# kernels of its H200 run of 2026-12-03 (second run) at B=256, H=8, L=100, E=64
+# (docs/check_fused.md).
 CANDIDATE_CONFIGS = (
+    KernelConfig(16, 2, 64, 8, 64, 16, 4),
+    KernelConfig(16, 2, 16, 2, 64, 32, 4),
     KernelConfig(32, 4, 32, 8, 32, 32, 4),
     KernelConfig(16, 2, 16, 2, 32, 32, 4),
     KernelConfig(32, 4, 32, 4, 32, 32, 4),
-    KernelConfig(32, 4, 16, 4, 64, 32, 4),
     KernelConfig(16, 2, 16, 2, 16, 32, 2),
     KernelConfig(64, 4, 32, 8, 64, 16, 4),
     KernelConfig(64, 8, 64, 8, 64, 64, 8),
@@ -100,30 +104,15 @@ def _store(PTR, value, b, h, sb, sh, sl, se, index, index_ok, dims, dim_ok):
 
 
 @triton.jit
-def _row_terms(SIGMA, G_SERIES, LOG_SUM_EXP, LOG_NORM, b, h, bh, ssb, ssh, ssl, rows, row_ok, L):
-    """Per query row: sigma, the rows' offset in `(B, H, L)` tensors, the series-side gradient,
-    and the forward's log-sum-exp and prior log-normaliser."""
-    sigma = tl.load(SIGMA + b * ssb + h * ssh + rows * ssl, row_ok, 1.0)
-    row_at = bh * L + rows
-    g_series = tl.load(G_SERIES + row_at, row_ok, 0.0)
-    log_sum_exp = tl.load(LOG_SUM_EXP + row_at, row_ok, 0.0)
-    log_norm = tl.load(LOG_NORM + row_at, row_ok, 0.0)
-    return sigma, row_at, g_series, log_sum_exp, log_norm
-
-
-@triton.jit
 def _half_square_distance(rows, cols):
     distance = (rows - cols).to(tl.float32)
     return -0.5 * distance * distance
 
 
 @triton.jit
-def _series_gradient(series, prior, d_product, g_series, eps):
-    """d(loss)/d(series) of a tile: the series side's KL term (prior fixed) plus ``d_product``,
-    the attention output's term; also ``log(s + eps) - log(p + eps)`` and ``s - p``."""
-    log_ratio = tl.log(series + eps) - tl.log(prior + eps)
-    difference = series - prior
-    return g_series * (log_ratio + difference / (series + eps)) + d_product, log_ratio, difference
+def _log_ratio(series, prior, eps):
+    """``log(s + eps) - log(p + eps)`` of a tile, with one logarithm."""
+    return tl.log((series + eps) / (prior + eps))
 
 
 @triton.jit
@@ -147,17 +136,16 @@ def _attention_fwd(
     top = tl.max(scores, axis=1)
     exp_scores = tl.exp(scores - top[:, None])
     total = tl.sum(exp_scores, axis=1)
-    series = exp_scores / total[:, None]
+    series = exp_scores * (1.0 / total)[:, None]
     # Padded rows take the last row's distances: no all-zero Gaussian row (a NaN prior).
     half_square = _half_square_distance(tl.minimum(rows, L - 1)[:, None], cols[None, :])
     gaussian = tl.exp(half_square * (1.0 / (sigma * sigma))[:, None])
     gaussian = tl.where(col_ok[None, :], gaussian, 0.0)
     norm = tl.sum(gaussian, axis=1)
-    prior = gaussian / norm[:, None]
+    prior = gaussian * (1.0 / norm)[:, None]
     heads = tl.dot(series.to(v.dtype), v, input_precision="ieee")
     _store(OUT, heads, b, h, sob, soh, sol, soe, rows, row_ok, dims, dim_ok)
-    log_ratio = tl.log(series + eps) - tl.log(prior + eps)
-    discrepancy = tl.sum((series - prior) * log_ratio, axis=1)
+    discrepancy = tl.sum((series - prior) * _log_ratio(series, prior, eps), axis=1)
     row_at = bh * L + rows
     tl.store(SERIES_SIDE + row_at, discrepancy, row_ok)
     tl.store(PRIOR_SIDE + row_at, discrepancy, row_ok)
@@ -167,12 +155,14 @@ def _attention_fwd(
 
 @triton.jit
 def _attention_bwd_dq(
-    Q, K, V, SIGMA, D_OUT, G_SERIES, G_PRIOR, LOG_SUM_EXP, LOG_NORM, DQ, D_SIGMA, DELTA,
+    Q, K, V, SIGMA, D_OUT, G_SERIES, G_PRIOR, LOG_SUM_EXP, LOG_NORM, DQ, D_SIGMA, SERIES, D_SCORES,
     sqb, sqh, sql, sqe, skb, skh, skl, ske, svb, svh, svl, sve,
     ssb, ssh, ssl, sdb, sdh, sdl, sde, sgb, sgh, sgl, sge,
     H, scale, eps, L: tl.constexpr, E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
+    """Also writes the tiles of the series and of d(loss)/d(scores) (unscaled) to SERIES and
+    D_SCORES, `(B, H, L, BLOCK_N)` in the dtype of ``k``, padded keys included (zeros)."""
     bh, start = _program(L, BLOCK_M)
     b, h = bh // H, bh % H
     rows, cols, dims = start + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_E)
@@ -181,10 +171,12 @@ def _attention_bwd_dq(
     k = _load(K, b, h, skb, skh, skl, ske, cols, col_ok, dims, dim_ok)
     v = _load(V, b, h, svb, svh, svl, sve, cols, col_ok, dims, dim_ok)
     d_out = _load(D_OUT, b, h, sdb, sdh, sdl, sde, rows, row_ok, dims, dim_ok)
-    sigma, row_at, g_series, log_sum_exp, log_norm = _row_terms(
-        SIGMA, G_SERIES, LOG_SUM_EXP, LOG_NORM, b, h, bh, ssb, ssh, ssl, rows, row_ok, L
-    )
+    sigma = tl.load(SIGMA + b * ssb + h * ssh + rows * ssl, row_ok, 1.0)
+    row_at = bh * L + rows
+    g_series = tl.load(G_SERIES + row_at, row_ok, 0.0)
     g_prior = tl.load(G_PRIOR + row_at, row_ok, 0.0)
+    log_sum_exp = tl.load(LOG_SUM_EXP + row_at, row_ok, 0.0)
+    log_norm = tl.load(LOG_NORM + row_at, row_ok, 0.0)
     scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     series = tl.where(col_ok[None, :], tl.exp(scores - log_sum_exp[:, None]), 0.0)
     half_square = _half_square_distance(rows[:, None], cols[None, :])
@@ -192,16 +184,19 @@ def _attention_bwd_dq(
     prior = tl.exp(half_square * inverse_variance[:, None] - log_norm[:, None])
     prior = tl.where(col_ok[None, :], prior, 0.0)
     d_product = tl.dot(d_out, tl.trans(v), input_precision="ieee")
-    d_series, log_ratio, difference = _series_gradient(
-        series, prior, d_product, g_series[:, None], eps
-    )
+    inverse_series, inverse_prior = 1.0 / (series + eps), 1.0 / (prior + eps)
+    log_ratio, difference = tl.log((series + eps) * inverse_prior), series - prior
+    # The series side's KL term (prior fixed) plus the attention output's term.
+    d_series = g_series[:, None] * (log_ratio + difference * inverse_series) + d_product
     delta = tl.sum(series * d_series, axis=1)
-    tl.store(DELTA + row_at, delta, row_ok)
     d_scores = (series * (d_series - delta[:, None])).to(k.dtype)
     dq = tl.dot(d_scores, k, input_precision="ieee") * scale
     _store(DQ, dq, b, h, sgb, sgh, sgl, sge, rows, row_ok, dims, dim_ok)
+    tile_at = (bh * L + rows[:, None]) * BLOCK_N + cols[None, :]
+    tl.store(SERIES + tile_at, series.to(k.dtype), row_ok[:, None])
+    tl.store(D_SCORES + tile_at, d_scores, row_ok[:, None])
     # Prior side: d/dp (series fixed), through the row normalisation, to 1 / sigma^2.
-    d_prior = -g_prior[:, None] * (log_ratio + difference / (prior + eps))
+    d_prior = -g_prior[:, None] * (log_ratio + difference * inverse_prior)
     centred = d_prior - tl.sum(prior * d_prior, axis=1)[:, None]
     d_inverse_variance = tl.sum(prior * half_square * centred, axis=1)
     tl.store(D_SIGMA + row_at, -2.0 * d_inverse_variance / (sigma * sigma * sigma), row_ok)
@@ -209,19 +204,17 @@ def _attention_bwd_dq(
 
 @triton.jit
 def _attention_bwd_dkdv(
-    Q, K, V, SIGMA, D_OUT, G_SERIES, LOG_SUM_EXP, LOG_NORM, DELTA, DK, DV,
-    sqb, sqh, sql, sqe, skb, skh, skl, ske, svb, svh, svl, sve,
-    ssb, ssh, ssl, sdb, sdh, sdl, sde, sgb, sgh, sgl, sge,
-    H, scale, eps, L: tl.constexpr, E: tl.constexpr,
+    Q, D_OUT, SERIES, D_SCORES, DK, DV,
+    sqb, sqh, sql, sqe, sdb, sdh, sdl, sde, sgb, sgh, sgl, sge,
+    H, scale, WIDTH: tl.constexpr, L: tl.constexpr, E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
-    """Tiles are transposed: keys down `(BLOCK_N)`, query rows across `(BLOCK_M)`."""
+    """dk = scale d_scores^T q and dv = series^T d_out for a block of keys, from the tiles of
+    ``_attention_bwd_dq`` (rows of ``WIDTH`` keys)."""
     bh, key_start = _program(L, BLOCK_N)
     b, h = bh // H, bh % H
     cols, dims = key_start + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_E)
     col_ok, dim_ok = cols < L, dims < E
-    k = _load(K, b, h, skb, skh, skl, ske, cols, col_ok, dims, dim_ok)
-    v = _load(V, b, h, svb, svh, svl, sve, cols, col_ok, dims, dim_ok)
     dk = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
     for start in range(0, L, BLOCK_M):
@@ -229,21 +222,12 @@ def _attention_bwd_dkdv(
         row_ok = rows < L
         q = _load(Q, b, h, sqb, sqh, sql, sqe, rows, row_ok, dims, dim_ok)
         d_out = _load(D_OUT, b, h, sdb, sdh, sdl, sde, rows, row_ok, dims, dim_ok)
-        sigma, row_at, g_series, log_sum_exp, log_norm = _row_terms(
-            SIGMA, G_SERIES, LOG_SUM_EXP, LOG_NORM, b, h, bh, ssb, ssh, ssl, rows, row_ok, L
-        )
-        delta = tl.load(DELTA + row_at, row_ok, 0.0)
-        valid = col_ok[:, None] & row_ok[None, :]
-        scores = tl.dot(k, tl.trans(q), input_precision="ieee") * scale
-        series = tl.where(valid, tl.exp(scores - log_sum_exp[None, :]), 0.0)
-        half_square = _half_square_distance(rows[None, :], cols[:, None])
-        prior = tl.exp(half_square * (1.0 / (sigma * sigma))[None, :] - log_norm[None, :])
-        prior = tl.where(valid, prior, 0.0)
-        d_product = tl.dot(v, tl.trans(d_out), input_precision="ieee")
-        d_series, _, _ = _series_gradient(series, prior, d_product, g_series[None, :], eps)
-        d_scores = series * (d_series - delta[None, :])
-        dv += tl.dot(series.to(d_out.dtype), d_out, input_precision="ieee")
-        dk += tl.dot(d_scores.to(q.dtype), q, input_precision="ieee")
+        tile_at = (bh * L + rows[:, None]) * WIDTH + cols[None, :]
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        series = tl.load(SERIES + tile_at, tile_ok, 0.0)  # (BLOCK_M, BLOCK_N)
+        d_scores = tl.load(D_SCORES + tile_at, tile_ok, 0.0)
+        dv += tl.dot(tl.trans(series.to(d_out.dtype)), d_out, input_precision="ieee")
+        dk += tl.dot(tl.trans(d_scores), q, input_precision="ieee")
     # dq, dk and dv are allocated alike (the strides of DQ).
     _store(DK, dk * scale, b, h, sgb, sgh, sgl, sge, cols, col_ok, dims, dim_ok)
     _store(DV, dv, b, h, sgb, sgh, sgl, sge, cols, col_ok, dims, dim_ok)
@@ -259,6 +243,11 @@ def _rows_like(sigma: torch.Tensor, *lead: int) -> torch.Tensor:
     return torch.empty((*lead, *sigma.shape), dtype=torch.float32, device=sigma.device)
 
 
+def _padded(length: int) -> int:
+    """The tile width of ``length`` keys or dims: a power of two, at least 16 (``tl.dot``)."""
+    return max(16, triton.next_power_of_2(length))
+
+
 def _launch(
     kernel: triton.JITFunction,
     q: torch.Tensor,
@@ -270,15 +259,14 @@ def _launch(
     by_keys: bool = False,
 ) -> None:
     """``kernel`` on tiles of ``rows`` query rows by ``keys`` keys (both at most L, padded), one
-    program per block of rows (``by_keys``: of keys) of every (batch, head)."""
+    program per block of rows (``by_keys``: of keys) of every (batch, head). ``args`` end with
+    the kernel's scalars before ``L``; ``L``, ``E`` and the block sizes are appended."""
     batch, n_heads, length, head_dim = q.shape
-    padded = max(16, triton.next_power_of_2(length))
-    block_m, block_n = min(rows, padded), min(keys, padded)
+    block_m, block_n = min(rows, _padded(length)), min(keys, _padded(length))
     grid = (batch * n_heads * triton.cdiv(length, block_n if by_keys else block_m),)
     kernel[grid](
-        *args, n_heads, head_dim**-0.5, KL_EPS, length, head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=max(16, triton.next_power_of_2(head_dim)),
-        num_warps=warps,
+        *args, length, head_dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=_padded(head_dim), num_warps=warps,
     )  # fmt: skip
 
 
@@ -324,6 +312,7 @@ def _forward(
     args = (
         q, k, v, sigma, heads, series_side, prior_side, stats[0], stats[1],
         *q.stride(), *k.stride(), *v.stride(), *sigma.stride(), *heads.stride(),
+        q.shape[1], q.shape[3] ** -0.5, KL_EPS,
     )  # fmt: skip
     _launch(_attention_fwd, q, args, rows=cfg.fwd_rows, keys=MAX_WINDOW, warps=cfg.fwd_warps)
     return heads, series_side, prior_side, stats
@@ -347,14 +336,22 @@ def _backward(
     config: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     cfg = KernelConfig(*config)
-    dq, dk, dv = _heads_like(q), _heads_like(k), _heads_like(v)
-    d_sigma, delta = _rows_like(sigma), _rows_like(sigma)
+    dq, dk, dv, d_sigma = _heads_like(q), _heads_like(k), _heads_like(v), _rows_like(sigma)
+    batch, n_heads, length, head_dim = q.shape
+    width = _padded(length)
+    series, d_scores = (q.new_empty((batch, n_heads, length, width)) for _ in range(2))
     d_series_side, d_prior_side = d_series_side.contiguous(), d_prior_side.contiguous()
-    strides = (*q.stride(), *k.stride(), *v.stride(), *sigma.stride(), *d_heads.stride())
-    inputs = (q, k, v, sigma, d_heads, d_series_side)
-    dq_args = (*inputs, d_prior_side, *stats, dq, d_sigma, delta, *strides, *dq.stride())
+    scalars = (n_heads, head_dim**-0.5)
+    dq_args = (
+        q, k, v, sigma, d_heads, d_series_side, d_prior_side, *stats, dq, d_sigma,
+        series, d_scores, *q.stride(), *k.stride(), *v.stride(), *sigma.stride(),
+        *d_heads.stride(), *dq.stride(), *scalars, KL_EPS,
+    )  # fmt: skip
     _launch(_attention_bwd_dq, q, dq_args, rows=cfg.dq_rows, keys=MAX_WINDOW, warps=cfg.dq_warps)
-    dkdv_args = (*inputs, *stats, delta, dk, dv, *strides, *dq.stride())
+    dkdv_args = (
+        q, d_heads, series, d_scores, dk, dv,
+        *q.stride(), *d_heads.stride(), *dq.stride(), *scalars, width,
+    )  # fmt: skip
     _launch(
         _attention_bwd_dkdv, q, dkdv_args,
         rows=cfg.kv_rows, keys=cfg.kv_keys, warps=cfg.kv_warps, by_keys=True,
