@@ -98,7 +98,7 @@ class DistributedTrainStep(TrainStep):
                 "each gradient once per step)"
             )
         super().__init__(model, optimizer, model_cfg, replace(train_cfg, compile=False))
-        self.train_cfg = train_cfg
+        self.train_cfg = replace(self.train_cfg, compile=train_cfg.compile)  # attention resolved
         on_cuda = self.device.type == "cuda"
         ddp = DistributedDataParallel(
             _Objective(model, self._eager_losses),

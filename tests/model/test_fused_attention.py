@@ -10,11 +10,14 @@ _SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
 from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from model.config import ModelConfig, TrainConfig  # noqa: E402
+from model.distributed import DistributedTrainStep  # noqa: E402
 from model.fused_attention import (  # noqa: E402
     CANDIDATE_CONFIGS,
     KernelConfig,
@@ -247,3 +250,23 @@ def test_auto_attention_is_fused_only_on_a_bf16_gpu_the_kernels_can_serve(
     ):
         assert resolve_attention(auto, unserved, cpu).attention == "plain"
     assert resolve_attention(FAST, tiny_cfg, cpu).attention == "plain"
+
+
+def test_the_data_parallel_step_resolves_auto_to_the_fused_kernels(
+    tiny_cfg: ModelConfig, windows: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a bf16 GPU (patched) the DDP step trains through the kernels, as ``TrainStep`` does."""
+    monkeypatch.setattr("model.steps.accelerated", lambda device: True)
+    plain = _step(tiny_cfg, FAST)
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = AnomalyTransformer(tiny_cfg)
+        auto = replace(FAST, attention="auto")
+        ddp = DistributedTrainStep(model, make_optimizer(model, auto), tiny_cfg, auto)
+        assert ddp.train_cfg.attention == "fused"
+        stats = [step.backward(windows) for step in (plain, ddp)]
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(stats[1], stats[0], rtol=1e-5, atol=1e-6)
