@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from bench.measure import FULL, QUICK, Settings, flops_per_window, smd_like
 from model.config import TrainConfig
+from model.device import resolve_device
 from model.distributed import (
     DistributedTrainStep,
     rank_batches,
@@ -41,7 +42,7 @@ from model.distributed import (
     save_dataset,
 )
 from model.network import AnomalyTransformer
-from model.steps import make_optimizer
+from model.steps import make_optimizer, resolve_attention
 from model.train import _window_set, fit
 
 FLOOR_PER_GPU = 254_000  # bf16 one-backward floor of one H200 (performance_anchor.md §2)
@@ -55,17 +56,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--nan-steps", type=int, default=10_000, help="steps of the NaN run")
     parser.add_argument("--role", choices=("main", "worker", "nan"), default="main")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="worker: compile only")
+    parser.add_argument(
+        "--attention",
+        choices=("auto", "plain", "fused"),
+        default="auto",
+        help="attention of every run (auto: the fused kernels on a GPU, as the training flow)",
+    )
     return parser.parse_args()
 
 
-def _train_cfg(settings: Settings, quick: bool) -> TrainConfig:
-    cuda = not quick and torch.cuda.is_available()
+def _train_cfg(settings: Settings, args: argparse.Namespace) -> TrainConfig:
+    cuda = not args.quick and torch.cuda.is_available()
     return TrainConfig(
         batch_size=settings.batch,
         precision="bf16" if cuda else "fp32",
         compile=cuda,
         device="auto" if cuda else "cpu",
         progress=False,
+        attention=args.attention,
     )
 
 
@@ -96,7 +104,7 @@ def _gib(device: torch.device) -> float | None:
 def worker(args: argparse.Namespace) -> None:
     """One torchrun rank: warm up, time the blocks, compare weights; rank 0 writes JSON."""
     settings = QUICK if args.quick else FULL
-    train_cfg = _train_cfg(settings, args.quick)
+    train_cfg = _train_cfg(settings, args)
     device = rank_device(train_cfg)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(0)
@@ -129,6 +137,7 @@ def worker(args: argparse.Namespace) -> None:
         result = {
             "gpus": world,
             "cuda_graphs": step.cuda_graphs,
+            "attention": step.train_cfg.attention,
             "windows_per_s": rates[len(rates) // 2],
             "block_range": [rates[0], rates[-1]],
             "ms_per_step": 1e3 * sorted(seconds)[len(seconds) // 2] / settings.iterations,
@@ -146,12 +155,14 @@ def nan_run(args: argparse.Namespace) -> None:
     """``fit`` for ``--nan-steps`` bf16 steps; writes whether losses and weights stayed finite."""
     settings = QUICK if args.quick else FULL
     train_cfg = replace(
-        _train_cfg(settings, args.quick), max_steps=args.nan_steps, max_epochs=1_000, patience=1_000
+        _train_cfg(settings, args), max_steps=args.nan_steps, max_epochs=1_000, patience=1_000
     )
     val_rows = settings.train_rows // 20
     data = smd_like(settings.train_rows + val_rows, settings.model.n_channels, seed=3)
     started = time.perf_counter()
     result = {"steps": args.nan_steps, "precision": train_cfg.precision, "error": None}
+    device = resolve_device(train_cfg.device)
+    result["attention"] = resolve_attention(train_cfg, settings.model, device).attention
     try:
         fitted = fit(settings.model, train_cfg, [data[:-val_rows]], [data[-val_rows:]])
         history = fitted.history.to_dict()
@@ -203,13 +214,14 @@ def _torchrun(n: int, module: str, arguments: list[str]) -> list[str]:
     return [*launcher, f"--nproc_per_node={n}", "-m", module, *arguments]
 
 
-def _entry_point_check(work: Path, n: int, quick: bool) -> list[str]:
+def _entry_point_check(work: Path, n: int, quick: bool, attention: str) -> list[str]:
     """The ``model.distributed`` command on a small two-entity data file (2 epochs)."""
     settings = QUICK if quick else FULL
     data = smd_like(60_000 if not quick else 1_200, settings.model.n_channels, seed=4)
     third = len(data) // 3
     save_dataset(work / "data.npz", [data[:third], data[third : 2 * third]], [data[2 * third :]])
     train = {"max_epochs": 2, "stride": 1 if not quick else 5, "batch_size": settings.batch}
+    train["attention"] = attention
     train |= {"precision": "bf16", "compile": True} if not quick else {"device": "cpu"}
     config = {"model": settings.model.to_dict(), "train": train}
     (work / "config.json").write_text(json.dumps(config))
@@ -245,19 +257,22 @@ def run_all(args: argparse.Namespace, work: Path, budget_s: float) -> dict[str, 
     """Every variant, the NaN run beside the first, the entry-point check; results by name."""
     started = time.perf_counter()
     n_gpus = torch.cuda.device_count() if not args.quick else 2
-    common = ["--out", str(work), *(["--quick"] if args.quick else [])]
+    common = ["--out", str(work), "--attention", args.attention]
+    common += ["--quick"] if args.quick else []
     nan_gpu = str(n_gpus - 1) if n_gpus > 1 and not args.quick else None
     me = [sys.executable, "-m", "bench.bench_ddp"]
     nan_args = ["--role", "nan", "--nan-steps", str(args.nan_steps), *common]
     nan = _start([*me, *nan_args], work / "log_nan.txt", nan_gpu)
     codes: dict[str, int] = {}
+    if n_gpus == 1:  # no GPU to spare: the NaN run first, then the timed runs alone
+        codes["nan"] = _finish(nan, budget_s / 2)
     for name, gpus, graphs in _variants(n_gpus, args.quick):
         left = budget_s - (time.perf_counter() - started)
         if left < 60:
             print(f"skipped {name}: {left:.0f} s of the budget left", flush=True)
             continue
         if name == "e2e":
-            command = _entry_point_check(work, gpus, args.quick)
+            command = _entry_point_check(work, gpus, args.quick, args.attention)
         else:
             flags = [] if graphs else ["--no-cuda-graphs"]
             command = _torchrun(gpus, "bench.bench_ddp", ["--role", "worker", *common, *flags])
@@ -279,10 +294,10 @@ def table(results: dict[str, Any], settings: Settings) -> str:
     """Markdown table of the throughput rows, scaling against 1 GPU in the same mode."""
     flops = flops_per_window(settings.model)["one_backward"]
     lines = [
-        "| GPUs | CUDA graphs | windows/s [block range] | per GPU | scaling vs 1 GPU | ms/step "
-        "| TFLOP/s per GPU | % of bf16 floor per GPU | peak GiB per GPU steady (warm-up) "
+        "| GPUs | CUDA graphs | attention | windows/s [block range] | per GPU | scaling vs 1 GPU "
+        "| ms/step | TFLOP/s per GPU | % of bf16 floor per GPU | peak GiB per GPU steady (warm-up) "
         "| ranks' weights identical | warm-up s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     rows = [r for k, r in results.items() if k.startswith("w") and "_" in k]
     for r in sorted(rows, key=lambda r: (not r["cuda_graphs"], r["gpus"])):
@@ -294,7 +309,7 @@ def table(results: dict[str, Any], settings: Settings) -> str:
             f"{s:.2f} ({w:.2f})" if s is not None else "–" for s, w in r["peak_gib_steady_warmup"]
         )
         lines.append(
-            f"| {r['gpus']} | {'yes' if r['cuda_graphs'] else 'no'} "
+            f"| {r['gpus']} | {'yes' if r['cuda_graphs'] else 'no'} | {r['attention']} "
             f"| **{r['windows_per_s']:,.0f}** [{low:,.0f}–{high:,.0f}] | {per_gpu:,.0f} "
             f"| {scaling} | {r['ms_per_step']:.2f} | {per_gpu * flops / 1e12:.1f} "
             f"| {100 * per_gpu / FLOOR_PER_GPU:.1f}% | {peaks} | {r['weights_identical']} "
