@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="kernel profile of the fast paths")
     parser.add_argument("--cpu-compile", action="store_true", help="compiled variants on CPU too")
     parser.add_argument("--train-only", action="store_true", help="skip the scoring variants")
+    parser.add_argument(
+        "--network",
+        metavar="WIN:D_MODEL:D_FF",
+        help="window, d_model and d_ff of the network instead of the reference's 100:512:512",
+    )
     return parser.parse_args()
+
+
+def with_network(settings: Settings, network: str | None) -> Settings:
+    """``settings`` with the network of ``--network`` (``WIN:D_MODEL:D_FF``), if given."""
+    if network is None:
+        return settings
+    try:
+        win_size, d_model, d_ff = (int(part) for part in network.split(":"))
+    except ValueError as error:
+        raise SystemExit(f"invalid --network {network!r}: expected WIN:D_MODEL:D_FF") from error
+    model = replace(settings.model, win_size=win_size, d_model=d_model, d_ff=d_ff)
+    return replace(settings, model=model)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -221,7 +239,7 @@ def verdict(train_rows: list[dict[str, Any]], score_rows: list[dict[str, Any]]) 
 
 def main() -> None:
     args = parse_args()
-    settings = QUICK if args.quick else FULL
+    settings = with_network(QUICK if args.quick else FULL, args.network)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compile_ok = device.type == "cuda" or args.cpu_compile
     env = environment(device)
