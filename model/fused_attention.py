@@ -28,6 +28,8 @@ set before this import the kernels run on CPU tensors in Triton's interpreter (t
 
 from __future__ import annotations
 
+import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -36,6 +38,9 @@ import triton.language as tl
 
 from model.losses import KL_EPS
 
+# PTX inline assembly where the kernels are compiled for a GPU; Triton's interpreter has none.
+APPROXIMATE_LOG = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+LN_2 = tl.constexpr(math.log(2.0))
 MAX_WINDOW = 128
 MAX_HEAD_DIM = 256
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -110,9 +115,22 @@ def _half_square_distance(rows, cols):
 
 
 @triton.jit
+def _log(x):
+    """Natural logarithm of a float32 tile: PTX ``lg2.approx`` on a GPU (``tl.log`` compiles to
+    a call of libdevice's ``logf`` per element), ``tl.log`` in Triton's interpreter."""
+    if APPROXIMATE_LOG:
+        log2 = tl.inline_asm_elementwise(
+            "lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+        return LN_2 * log2
+    else:
+        return tl.log(x)
+
+
+@triton.jit
 def _log_ratio(series, prior, eps):
     """``log(s + eps) - log(p + eps)`` of a tile, with one logarithm."""
-    return tl.log((series + eps) / (prior + eps))
+    return _log((series + eps) / (prior + eps))
 
 
 @triton.jit
@@ -185,7 +203,7 @@ def _attention_bwd_dq(
     prior = tl.where(col_ok[None, :], prior, 0.0)
     d_product = tl.dot(d_out, tl.trans(v), input_precision="ieee")
     inverse_series, inverse_prior = 1.0 / (series + eps), 1.0 / (prior + eps)
-    log_ratio, difference = tl.log((series + eps) * inverse_prior), series - prior
+    log_ratio, difference = _log((series + eps) * inverse_prior), series - prior
     # The series side's KL term (prior fixed) plus the attention output's term.
     d_series = g_series[:, None] * (log_ratio + difference * inverse_series) + d_product
     delta = tl.sum(series * d_series, axis=1)
