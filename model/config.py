@@ -75,7 +75,8 @@ class TrainConfig:
     grad_clip: float | None = None
     minimax: MinimaxMode = "surrogate"
     attention: AttentionMode = "plain"  # "fused": Triton kernels (model.fused_attention), CUDA;
-    # "auto": fused where they run on a GPU with bf16 support (model.steps.resolve_attention)
+    # "auto": fused where they run on a GPU with bf16 support and train faster: windows >= 64,
+    # head dimension >= 32 (model.steps.resolve_attention)
     lr_halving: bool = True
     device: str = "auto"
     progress: bool = True

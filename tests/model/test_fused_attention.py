@@ -235,36 +235,44 @@ def test_fused_attention_rejects_what_the_kernels_do_not_handle(tiny_cfg: ModelC
 def test_auto_attention_is_fused_only_on_a_bf16_gpu_the_kernels_can_serve(
     tiny_cfg: ModelConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``auto`` stays plain on a CPU (even where the interpreter could run the kernels) and on a
-    GPU for windows, head dimensions or dropout the kernels do not handle."""
+    """``auto`` stays plain on a CPU (even where the interpreter could run the kernels), and on a
+    GPU for windows, head dimensions or dropout the kernels do not handle or where compiled plain
+    attention trains faster (short windows, narrow heads)."""
     auto = replace(FAST, attention="auto")
     cpu = torch.device("cpu")
-    assert resolve_attention(auto, tiny_cfg, cpu).attention == "plain"
+    paying = replace(tiny_cfg, win_size=64, d_model=64, n_heads=2)  # head dimension 32
+    assert resolve_attention(auto, paying, cpu).attention == "plain"
     assert _step(tiny_cfg, auto).train_cfg.attention == "plain"
     monkeypatch.setattr("model.steps.accelerated", lambda device: True)  # a bf16 GPU
-    assert resolve_attention(auto, tiny_cfg, cpu).attention == "fused"
+    assert resolve_attention(auto, paying, cpu).attention == "fused"
     for unserved in (
-        replace(tiny_cfg, win_size=129),
-        replace(tiny_cfg, dropout=0.1),
-        replace(tiny_cfg, d_model=512, n_heads=1),
+        replace(paying, win_size=129),
+        replace(paying, dropout=0.1),
+        replace(paying, d_model=512, n_heads=1),
+        replace(paying, win_size=63),
+        replace(paying, n_heads=4),  # head dimension 16
     ):
         assert resolve_attention(auto, unserved, cpu).attention == "plain"
-    assert resolve_attention(FAST, tiny_cfg, cpu).attention == "plain"
+    assert resolve_attention(FAST, paying, cpu).attention == "plain"
+    assert resolve_attention(replace(FAST, attention="fused"), tiny_cfg, cpu).attention == "fused"
 
 
 def test_the_data_parallel_step_resolves_auto_to_the_fused_kernels(
-    tiny_cfg: ModelConfig, windows: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_cfg: ModelConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On a bf16 GPU (patched) the DDP step trains through the kernels, as ``TrainStep`` does."""
     monkeypatch.setattr("model.steps.accelerated", lambda device: True)
-    plain = _step(tiny_cfg, FAST)
+    cfg = replace(tiny_cfg, win_size=64, d_model=64, n_heads=2, e_layers=1)  # fused pays
+    generator = torch.Generator().manual_seed(0)
+    windows = torch.randn(2, cfg.win_size, cfg.n_channels, generator=generator)
+    plain = _step(cfg, FAST)
     store = f"file://{tmp_path / 'store'}"
     dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
     try:
         torch.manual_seed(0)
-        model = AnomalyTransformer(tiny_cfg)
+        model = AnomalyTransformer(cfg)
         auto = replace(FAST, attention="auto")
-        ddp = DistributedTrainStep(model, make_optimizer(model, auto), tiny_cfg, auto)
+        ddp = DistributedTrainStep(model, make_optimizer(model, auto), cfg, auto)
         assert ddp.train_cfg.attention == "fused"
         stats = [step.backward(windows) for step in (plain, ddp)]
     finally:
