@@ -87,7 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--attention",
         choices=["auto", "plain", "fused"],
-        help="auto: the fused Triton kernels on a CUDA GPU where the model allows them",
+        help="auto: the fused Triton kernels on a CUDA GPU where they train the model faster",
+    )
+    train.add_argument(
+        "--processes",
+        type=int,
+        help="data-parallel training processes, one per GPU (default: every visible GPU)",
     )
     train.add_argument("--alpha", type=float, help="target false-alarm rate of the threshold")
     train.add_argument(
@@ -206,6 +211,7 @@ def _train_params(args: argparse.Namespace) -> Any:
             device=args.device,
             precision=args.precision,
             attention=args.attention,
+            processes=args.processes,
         )
     )
     params["calibration"].update(

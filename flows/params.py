@@ -66,13 +66,22 @@ class TrainingParams(_Params):
             "PyTorch attention"
         ),
     )
+    processes: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "data-parallel training processes, one per GPU, started with torchrun "
+            "(model.distributed); default: one per visible GPU where device is auto or cuda, "
+            "else 1"
+        ),
+    )
 
     def to_config(self) -> TrainConfig:
         """The model's config, with ``auto`` precision and compile resolved for the device."""
         fast = accelerated(resolve_device(self.device))
         precision = ("bf16" if fast else "fp32") if self.precision == "auto" else self.precision
         compile_step = fast if self.compile is None else self.compile
-        fields = self.model_dump(exclude={"precision", "compile"})
+        fields = self.model_dump(exclude={"precision", "compile", "processes"})
         return TrainConfig(**fields, precision=precision, compile=compile_step)
 
 

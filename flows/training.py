@@ -40,6 +40,7 @@ def training_flow(params: TrainFlowParams = TrainFlowParams()) -> TrainingSummar
         scoring_method=params.scoring_method,
         score_smoothing=params.score_smoothing,
         detector=params.detector,
+        processes=params.training.processes,
     )
     calibration = calibrate_task(
         trained.checkpoint,

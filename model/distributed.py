@@ -4,6 +4,9 @@ One process per device, started by torchrun::
 
     torchrun --nproc_per_node N -m model.distributed --data DATA.npz --out CKPT [--config JSON]
 
+or from Python by ``fit_in_processes``, which the training flow uses when several GPUs are
+present (``default_processes``).
+
 ``DATA.npz`` holds scaled float32 `(T, C)` arrays ``fit_0, fit_1, ...`` (training) and ``val_0,
 ...`` (validation, may be absent); ``--config`` is a JSON file ``{"model": {...}, "train":
 {...}}`` of ``ModelConfig`` / ``TrainConfig`` fields (``n_channels`` defaults to the data's).
@@ -21,9 +24,15 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import logging
 import math
 import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -33,8 +42,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from model.checkpoint import save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig, TrainConfig
+from model.device import resolve_device
 from model.losses import MinimaxLosses
 from model.network import AnomalyTransformer
 from model.steps import (
@@ -57,6 +67,12 @@ from model.train import (
 )
 from model.windows import WindowSet
 
+log = logging.getLogger(__name__)
+
+# Lines of the workers' output that a failure's message ends with.
+FAILURE_LINES = 20
+# The last line of a Python traceback, e.g. "ValueError: invalid data: ...".
+EXCEPTION_LINE = re.compile(r"\b[A-Za-z_][\w.]*(?:Error|Exception): .+")
 # The buffers are constants: no broadcast before each forward (the argument's name since 2.13).
 _DDP_ARGS = inspect.signature(DistributedDataParallel).parameters
 _NO_BUFFER_SYNC = {
@@ -92,11 +108,7 @@ class DistributedTrainStep(TrainStep):
         backend: str = "inductor",
         cuda_graphs: bool = True,
     ) -> None:
-        if train_cfg.minimax != "surrogate":
-            raise ValueError(
-                f"invalid minimax={train_cfg.minimax!r}: expected 'surrogate' (DDP reduces "
-                "each gradient once per step)"
-            )
+        _check_minimax(train_cfg)
         super().__init__(model, optimizer, model_cfg, replace(train_cfg, compile=False))
         self.train_cfg = replace(self.train_cfg, compile=train_cfg.compile)  # attention resolved
         on_cuda = self.device.type == "cuda"
@@ -110,6 +122,14 @@ class DistributedTrainStep(TrainStep):
             self.cuda_graphs = cuda_graphs and backend == "inductor" and on_cuda
             options = compile_options(self.cuda_graphs) if backend == "inductor" else None
             self.losses = torch.compile(ddp, backend=backend, options=options)
+
+
+def _check_minimax(train_cfg: TrainConfig) -> None:
+    if train_cfg.minimax != "surrogate":
+        raise ValueError(
+            f"invalid minimax={train_cfg.minimax!r}: expected 'surrogate' (DDP reduces "
+            "each gradient once per step)"
+        )
 
 
 def rank_batches(
@@ -303,6 +323,83 @@ def train_from_file(
     return result
 
 
+def default_processes(device: str) -> int:
+    """Data-parallel processes for training on ``device``: one per visible GPU for ``"auto"`` or
+    ``"cuda"``, else one (``"cpu"``, or one GPU named as ``"cuda:N"``)."""
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return 1
+
+
+def fit_in_processes(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    train_series: Sequence[np.ndarray],
+    val_series: Sequence[np.ndarray],
+    processes: int,
+) -> FitResult:
+    """``fit_distributed`` in ``processes`` torchrun workers started from this process: one per
+    GPU, or gloo CPU processes with ``train_cfg.device="cpu"``.
+
+    The series reach the workers through a temporary ``save_dataset`` file and the weights come
+    back through rank 0's checkpoint, loaded onto ``train_cfg.device``; the workers' output is
+    logged line by line.
+
+    Raises:
+        ValueError: bad series (as ``fit``), ``processes < 1`` or ``minimax="two_backward"``.
+        RuntimeError: the workers failed; the message ends with their last output lines.
+    """
+    if processes < 1:
+        raise ValueError(f"invalid processes={processes}: expected at least 1")
+    if len(train_series) == 0:
+        raise ValueError("invalid train_series: expected at least one (T, C) array")
+    _check_minimax(train_cfg)
+    check_series(train_series, model_cfg, "train_series")
+    check_series(val_series, model_cfg, "val_series")
+    with tempfile.TemporaryDirectory(prefix="anomaly-transformer-ddp-") as folder:
+        work = Path(folder)
+        save_dataset(work / "data.npz", train_series, val_series)
+        config = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}
+        (work / "config.json").write_text(json.dumps(config))
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={processes}", "-m", "model.distributed",
+            "--data", str(work / "data.npz"), "--out", str(work / "model.ckpt"),
+            "--config", str(work / "config.json"),
+        ]  # fmt: skip
+        _run_workers(command, processes)
+        device = resolve_device(train_cfg.device)
+        checkpoint = load_checkpoint(work / "model.ckpt", device=str(device))
+    return FitResult(checkpoint.model, History.from_dict(checkpoint.extras["history"]))
+
+
+def _run_workers(command: list[str], processes: int) -> None:
+    """Run ``command``, logging its output; raise ``RuntimeError`` with its tail if it fails.
+
+    The workers import this package from where this process did, whatever the working folder.
+    """
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
+    tail: deque[str] = deque(maxlen=FAILURE_LINES)
+    raised: dict[str, None] = {}  # the workers' exception lines, in order, once each
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    ) as workers:
+        assert workers.stdout is not None
+        for line in workers.stdout:
+            tail.append(line.rstrip())
+            log.info("%s", tail[-1])
+            if match := EXCEPTION_LINE.search(line):
+                raised[match.group(0).strip()] = None
+    if workers.returncode != 0:
+        raise RuntimeError(
+            f"data-parallel training failed: torchrun with {processes} process(es) exited "
+            f"{workers.returncode}; the workers raised: {' | '.join(raised) or 'nothing'}; "
+            "their last lines:\n" + "\n".join(tail)
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The torchrun entry point: NCCL on CUDA machines, gloo otherwise."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -311,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config", type=Path, help='JSON {"model": {...}, "train": {...}}')
     parser.add_argument("--no-cuda-graphs", action="store_true", help="compile without graphs")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # rank 0's progress lines
     cpu_only = _read_config(args.config).get("train", {}).get("device") == "cpu"
     dist.init_process_group("nccl" if torch.cuda.is_available() and not cpu_only else "gloo")
     try:

@@ -62,6 +62,14 @@ class History:
         columns = {name: [row[name] for row in rows] for name in EpochRecord.__annotations__}
         return {**columns, "best_epoch": self.best_epoch, "stopped_early": self.stopped_early}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> History:
+        """The ``History`` whose ``to_dict()`` is ``data``."""
+        names = list(EpochRecord.__annotations__)
+        rows = zip(*(data[name] for name in names), strict=True)
+        epochs = [EpochRecord(**dict(zip(names, row, strict=True))) for row in rows]
+        return cls(epochs, data["best_epoch"], data["stopped_early"])
+
 
 @dataclass(frozen=True)
 class FitResult:

@@ -22,6 +22,7 @@ from model.artifact import ScoringModel
 from model.checkpoint import Checkpoint
 from model.config import ModelConfig, TrainConfig
 from model.detector_checkpoint import SCORING_METHOD, fit_detectors
+from model.distributed import default_processes, fit_in_processes
 from model.drift import TrainingProfile
 from model.ensemble import EnsembleCheckpoint
 from model.network import AnomalyTransformer
@@ -101,13 +102,16 @@ def train_model(
     scoring_method: str,
     score_smoothing: int,
     detector: str = AT,
+    processes: int | None = None,
 ) -> TrainedModel:
     """Fit ``detector`` on every entity's fit part and save the checkpoint.
 
     The Anomaly Transformer fits one network per config of ``model_cfgs`` (several: an ensemble,
     :mod:`model.ensemble`), each stopping early on the validation tails, and scores with
     ``scoring_method``, each score averaged over the ``score_smoothing`` rows ending at it; a
-    baseline ignores those and ``model_cfgs``, seeded by ``train_cfg.seed``.
+    baseline ignores those and ``model_cfgs``, seeded by ``train_cfg.seed``. Each network trains
+    data-parallel in ``processes`` torchrun workers where that is more than one (default: one per
+    visible GPU, ``model.distributed.default_processes``).
     """
     if not model_cfgs:
         raise ValueError("invalid model_cfgs: expected at least one ModelConfig")
@@ -116,7 +120,10 @@ def train_model(
         return fit_baseline(dataset, detector, train_cfg.seed, out_path)
     parts = [dataset.load(entity) for entity in dataset.entities]  # (fit part, tail) each
     started = time.perf_counter()
-    members = [fit_member(dataset, parts, cfg, train_cfg, scoring_method) for cfg in model_cfgs]
+    processes = processes or default_processes(train_cfg.device)
+    members = [
+        fit_member(dataset, parts, cfg, train_cfg, scoring_method, processes) for cfg in model_cfgs
+    ]
     seconds = time.perf_counter() - started
     extras = common_extras(dataset, AT, scoring_method) | {
         "train_config": train_cfg.to_dict(),
@@ -145,17 +152,23 @@ def fit_member(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
     scoring_method: str,
+    processes: int = 1,
 ) -> tuple[Checkpoint, dict[str, Any]]:
     """One network fit on the entities' fit parts (``parts``: the dataset's (fit part, tail) per
     entity), stopping early on the tails at least one window long, with its own
-    ``sensor_scales`` where ``scoring_method`` needs them; its training history."""
+    ``sensor_scales`` where ``scoring_method`` needs them; its training history (with the number
+    of ``processes``: > 1 trains data-parallel in that many torchrun workers)."""
     fit_parts = [fit_part for fit_part, _ in parts]
     tails = [tail for _, tail in parts if len(tail) >= model_cfg.win_size]
-    result = fit(model_cfg, train_cfg, fit_parts, tails)
+    if processes > 1:
+        result = fit_in_processes(model_cfg, train_cfg, fit_parts, tails, processes)
+    else:
+        result = fit(model_cfg, train_cfg, fit_parts, tails)
     extras = {}
     if scoring_method in SENSOR_NORMALISED:
         extras["sensor_scales"] = sensor_scales(result.model, dataset, scoring_method)
-    return Checkpoint(result.model, model_cfg, extras), result.history.to_dict()
+    history = result.history.to_dict() | {"processes": processes}
+    return Checkpoint(result.model, model_cfg, extras), history
 
 
 def fit_baseline(dataset: DatasetRef, detector: str, seed: int, out_path: Path) -> TrainedModel:

@@ -82,7 +82,9 @@ def test_train_options_left_out_keep_the_preset() -> None:
     assert default.win_size == 100
     assert [(m.win_size, m.d_model) for m in reference.models] == [(100, 512)]
     assert default.training.precision == "auto" and default.gate.force is False
-    assert default.training.attention == "auto"
+    assert default.training.attention == "auto" and default.training.processes is None
+    two = _train_params(_parser().parse_args(["train", "--processes=2", "--device=cpu"]))
+    assert (two.training.processes, two.training.device) == (2, "cpu")
 
 
 @pytest.mark.parametrize(
@@ -91,6 +93,7 @@ def test_train_options_left_out_keep_the_preset() -> None:
         ("--score-smoothing=0", "score_smoothing Input should be greater than or equal to 1"),
         ("--max-epochs=0", "training.max_epochs Input should be greater than or equal to 1"),
         ("--alpha=1.5", "calibration.alpha Input should be less than 1"),
+        ("--processes=0", "training.processes Input should be greater than or equal to 1"),
     ],
 )
 def test_train_options_out_of_range_are_refused_by_name(

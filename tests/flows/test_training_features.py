@@ -92,3 +92,16 @@ def test_benchmark_flow_writes_tables_and_logs_them(
         "benchmark.csv",
         "benchmark.md",
     }
+
+
+def test_the_training_flow_trains_each_network_in_torchrun_workers(
+    sqlite_env: str, smd_folder: Path, tiny_training: TrainFlowParams
+) -> None:
+    """``training.processes``: data-parallel training through ``model.distributed`` (gloo CPU
+    processes here; by default one process per GPU where several are present)."""
+    ingest_flow(str(smd_folder), kind="smd")
+    training = tiny_training.training.model_copy(update={"processes": 2, "device": "cpu"})
+    summary = training_flow(tiny_training.model_copy(update={"training": training}))
+    metrics, _, params = _run(summary.version)
+    assert metrics["member0.processes"] == metrics["member1.processes"] == 2.0
+    assert params["training.processes"] == "2" and "member1.val_rec" in metrics

@@ -15,7 +15,9 @@ import torch.multiprocessing as mp
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig, TrainConfig
 from model.distributed import (
+    default_processes,
     fit_distributed,
+    fit_in_processes,
     load_dataset,
     rank_batches,
     save_dataset,
@@ -122,3 +124,38 @@ def test_two_backward_minimax_is_refused(tmp_path: Path) -> None:
             fit_distributed(ModelConfig(**MODEL), train_cfg, series, [])
     finally:
         dist.destroy_process_group()
+
+
+def test_fit_in_processes_runs_the_same_training_in_torchrun_workers(two_ranks: Path) -> None:
+    """The launcher the training flow uses: rank 0's weights and history come back."""
+    fit_series, val_series = load_dataset(two_ranks / "data.npz")
+    result = fit_in_processes(
+        ModelConfig(**MODEL), TrainConfig(**TRAIN), fit_series, val_series, processes=2
+    )
+    expected = load_checkpoint(two_ranks / "model.ckpt")
+    history = result.history.to_dict()
+    for key in ("train_loss", "val_rec", "steps", "best_epoch"):
+        np.testing.assert_allclose(history[key], expected.extras["history"][key], rtol=1e-6)
+    weights = result.model.state_dict()
+    for name, tensor in expected.model.state_dict().items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_fit_in_processes_reports_what_failed_in_the_workers() -> None:
+    model_cfg, train_cfg = ModelConfig(**MODEL), TrainConfig(**TRAIN)
+    one_window = [np.random.default_rng(0).standard_normal((16, 3)).astype(np.float32)]
+    failure = r"(?s)exited 1.*invalid data: 1 window\(s\) for 2 ranks"
+    with pytest.raises(RuntimeError, match=failure):
+        fit_in_processes(model_cfg, train_cfg, one_window, [], processes=2)
+    with pytest.raises(ValueError, match="processes=0"):
+        fit_in_processes(model_cfg, train_cfg, one_window, [], processes=0)
+    with pytest.raises(ValueError, match="non-finite"):
+        fit_in_processes(model_cfg, train_cfg, [np.full((32, 3), np.nan, np.float32)], [], 2)
+
+
+def test_the_default_is_one_process_per_visible_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert default_processes("auto") == default_processes("cpu") == 1  # this CPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert default_processes("auto") == default_processes("cuda") == 4
+    assert default_processes("cuda:1") == default_processes("cpu") == 1
