@@ -387,11 +387,15 @@ def _run_workers(command: list[str], processes: int) -> None:
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     ) as workers:
         assert workers.stdout is not None
-        for line in workers.stdout:
-            tail.append(line.rstrip())
-            log.info("%s", tail[-1])
-            if match := EXCEPTION_LINE.search(line):
-                raised[match.group(0).strip()] = None
+        try:
+            for line in workers.stdout:
+                tail.append(line.rstrip())
+                log.info("%s", tail[-1])
+                if match := EXCEPTION_LINE.search(line):
+                    raised[match.group(0).strip()] = None
+        except BaseException:  # interrupted or cancelled: torchrun stops its workers on SIGTERM
+            workers.terminate()
+            raise
     if workers.returncode != 0:
         raise RuntimeError(
             f"data-parallel training failed: torchrun with {processes} process(es) exited "
