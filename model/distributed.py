@@ -62,7 +62,7 @@ from model.train import (
     _EarlyStopping,
     _report,
     _window_set,
-    check_series,
+    check_fit_series,
     reference_lr,
 )
 from model.windows import WindowSet
@@ -247,10 +247,7 @@ def fit_distributed(
     """
     if not dist.is_initialized():
         raise RuntimeError("fit_distributed needs torch.distributed.init_process_group() first")
-    if len(train_series) == 0:
-        raise ValueError("invalid train_series: expected at least one (T, C) array")
-    check_series(train_series, model_cfg, "train_series")
-    check_series(val_series, model_cfg, "val_series")
+    check_fit_series(model_cfg, train_series, val_series)
     device = rank_device(train_cfg)
     with deterministic_mode(train_cfg.deterministic):
         torch.manual_seed(train_cfg.seed)
@@ -351,11 +348,8 @@ def fit_in_processes(
     """
     if processes < 1:
         raise ValueError(f"invalid processes={processes}: expected at least 1")
-    if len(train_series) == 0:
-        raise ValueError("invalid train_series: expected at least one (T, C) array")
     _check_minimax(train_cfg)
-    check_series(train_series, model_cfg, "train_series")
-    check_series(val_series, model_cfg, "val_series")
+    check_fit_series(model_cfg, train_series, val_series)
     with tempfile.TemporaryDirectory(prefix="anomaly-transformer-ddp-") as folder:
         work = Path(folder)
         save_dataset(work / "data.npz", train_series, val_series)

@@ -97,6 +97,16 @@ class _EarlyStopping:
         return self.epochs_without_gain >= self.patience
 
 
+def check_fit_series(
+    model_cfg: ModelConfig, train_series: Sequence[np.ndarray], val_series: Sequence[np.ndarray]
+) -> None:
+    """Raise ``ValueError`` for no training series, or a series that ``check_series`` refuses."""
+    if len(train_series) == 0:
+        raise ValueError("invalid train_series: expected at least one (T, C) array")
+    check_series(train_series, model_cfg, "train_series")
+    check_series(val_series, model_cfg, "val_series")
+
+
 def check_series(series: Sequence[np.ndarray], cfg: ModelConfig, name: str) -> None:
     """Raise ``ValueError`` naming the entity if a series is not a finite `(T >= L, C)` array."""
     for index, values in enumerate(series):
@@ -153,10 +163,7 @@ def fit(
             ``train_cfg.attention="fused"`` where it cannot run (``resolve_attention``).
         RuntimeError: the training loss became NaN/inf.
     """
-    if len(train_series) == 0:
-        raise ValueError("invalid train_series: expected at least one (T, C) array")
-    check_series(train_series, model_cfg, "train_series")
-    check_series(val_series, model_cfg, "val_series")
+    check_fit_series(model_cfg, train_series, val_series)
     device = resolve_device(train_cfg.device)
     train_cfg = resolve_attention(train_cfg, model_cfg, device)
     with deterministic_mode(train_cfg.deterministic):
