@@ -343,11 +343,11 @@ def fit_in_processes(
     logged line by line.
 
     Raises:
-        ValueError: bad series (as ``fit``), ``processes < 1`` or ``minimax="two_backward"``.
+        ValueError: bad series (as ``fit``), ``minimax="two_backward"``, or ``processes`` that
+            the machine cannot run (``_check_processes``).
         RuntimeError: the workers failed; the message ends with their last output lines.
     """
-    if processes < 1:
-        raise ValueError(f"invalid processes={processes}: expected at least 1")
+    _check_processes(processes, train_cfg.device)
     _check_minimax(train_cfg)
     check_fit_series(model_cfg, train_series, val_series)
     with tempfile.TemporaryDirectory(prefix="anomaly-transformer-ddp-") as folder:
@@ -365,6 +365,24 @@ def fit_in_processes(
         device = resolve_device(train_cfg.device)
         checkpoint = load_checkpoint(work / "model.ckpt", device=str(device))
     return FitResult(checkpoint.model, History.from_dict(checkpoint.extras["history"]))
+
+
+def _check_processes(processes: int, device: str) -> None:
+    """At least one process; on GPUs one per device, ranks on ``cuda:0`` to ``cuda:N-1``."""
+    if processes < 1:
+        raise ValueError(f"invalid processes={processes}: expected at least 1")
+    if processes == 1 or device == "cpu" or not torch.cuda.is_available():
+        return
+    if device not in ("auto", "cuda"):
+        raise ValueError(
+            f"invalid device={device!r} with processes={processes}: expected 'auto' or 'cuda' "
+            "(rank i trains on cuda:i; choose the GPUs with CUDA_VISIBLE_DEVICES)"
+        )
+    if processes > torch.cuda.device_count():
+        raise ValueError(
+            f"invalid processes={processes}: this machine has {torch.cuda.device_count()} "
+            "visible CUDA device(s), one process each"
+        )
 
 
 def _run_workers(command: list[str], processes: int) -> None:

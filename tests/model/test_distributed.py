@@ -153,9 +153,19 @@ def test_fit_in_processes_reports_what_failed_in_the_workers() -> None:
         fit_in_processes(model_cfg, train_cfg, [np.full((32, 3), np.nan, np.float32)], [], 2)
 
 
-def test_the_default_is_one_process_per_visible_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_process_per_visible_gpu_at_most_and_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     assert default_processes("auto") == default_processes("cpu") == 1  # this CPU machine
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert default_processes("auto") == default_processes("cuda") == 4
     assert default_processes("cuda:1") == default_processes("cpu") == 1
+    model_cfg, series = ModelConfig(**MODEL), [np.zeros((32, 3), np.float32)]
+    for device, processes, problem in (
+        ("cuda", 5, "processes=5: this machine has 4 visible CUDA device"),
+        ("cuda:1", 2, "device='cuda:1' with processes=2"),
+    ):
+        train_cfg = TrainConfig(**{**TRAIN, "device": device})
+        with pytest.raises(ValueError, match=problem):
+            fit_in_processes(model_cfg, train_cfg, series, [], processes)
