@@ -72,23 +72,27 @@ def fused_attention_blocker(model_cfg: ModelConfig, device: torch.device) -> str
     return None
 
 
-def fused_attention_pays(model_cfg: ModelConfig) -> bool:
-    """Whether the fused kernels train ``model_cfg`` faster than compiled plain attention.
+def fused_attention_pays(model_cfg: ModelConfig, precision: Precision) -> bool:
+    """Whether the fused kernels train ``model_cfg`` at ``precision`` faster than compiled plain
+    attention.
 
-    Measured on an H200 (docs/performance.md, 2026-12-03): window 100 with head dimension 64,
-    55,551 against 44,141 windows/s; not for short windows (window 25, head dimension 64: 111,352
-    against 136,387) nor narrow heads (window 100, head dimension 16: 75,745 against 77,902).
+    Measured on an H200 (docs/performance.md, 2026-12-03): bf16 at window 100 with head
+    dimension 64, 55,551 against 44,141 windows/s; not for short windows (window 25, head
+    dimension 64: 111,352 against 136,387) nor narrow heads (window 100, head dimension 16:
+    75,745 against 77,902); never in float32, where one layer's forward and backward take
+    18.6 ms fused against 1.96 ms plain (docs/check_fused.md).
     """
     head_dim = model_cfg.d_model // model_cfg.n_heads
-    return model_cfg.win_size >= FUSED_MIN_WINDOW and head_dim >= FUSED_MIN_HEAD_DIM
+    wide_enough = model_cfg.win_size >= FUSED_MIN_WINDOW and head_dim >= FUSED_MIN_HEAD_DIM
+    return precision == "bf16" and wide_enough
 
 
 def resolve_attention(
     train_cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device
 ) -> TrainConfig:
     """``train_cfg`` with ``attention="auto"`` resolved: ``"fused"`` where the kernels can run on
-    a GPU with bf16 support and are the faster path for the model (``fused_attention_pays``),
-    else ``"plain"``.
+    a GPU with bf16 support and are the faster path for the model and precision
+    (``fused_attention_pays``), else ``"plain"``.
 
     Raises:
         ValueError: ``attention="fused"`` where it cannot run (``fused_attention_blocker``).
@@ -97,7 +101,8 @@ def resolve_attention(
         return train_cfg  # nothing to check, and no Triton import on this path
     blocker = fused_attention_blocker(model_cfg, device)
     if train_cfg.attention == "auto":
-        fused = accelerated(device) and blocker is None and fused_attention_pays(model_cfg)
+        pays = fused_attention_pays(model_cfg, train_cfg.precision)
+        fused = accelerated(device) and blocker is None and pays
         return replace(train_cfg, attention="fused" if fused else "plain")
     if train_cfg.attention == "fused" and blocker is not None:
         raise ValueError(f"invalid {blocker}")

@@ -237,8 +237,8 @@ def test_auto_attention_is_fused_only_on_a_bf16_gpu_the_kernels_can_serve(
 ) -> None:
     """``auto`` stays plain on a CPU (even where the interpreter could run the kernels), and on a
     GPU for windows, head dimensions or dropout the kernels do not handle or where compiled plain
-    attention trains faster (short windows, narrow heads)."""
-    auto = replace(FAST, attention="auto")
+    attention trains faster (short windows, narrow heads, float32)."""
+    auto = replace(FAST, attention="auto", precision="bf16")
     cpu = torch.device("cpu")
     paying = replace(tiny_cfg, win_size=64, d_model=64, n_heads=2)  # head dimension 32
     assert resolve_attention(auto, paying, cpu).attention == "plain"
@@ -253,6 +253,7 @@ def test_auto_attention_is_fused_only_on_a_bf16_gpu_the_kernels_can_serve(
         replace(paying, n_heads=4),  # head dimension 16
     ):
         assert resolve_attention(auto, unserved, cpu).attention == "plain"
+    assert resolve_attention(replace(auto, precision="fp32"), paying, cpu).attention == "plain"
     assert resolve_attention(FAST, paying, cpu).attention == "plain"
     assert resolve_attention(replace(FAST, attention="fused"), tiny_cfg, cpu).attention == "fused"
 
@@ -260,9 +261,12 @@ def test_auto_attention_is_fused_only_on_a_bf16_gpu_the_kernels_can_serve(
 def test_the_data_parallel_step_resolves_auto_to_the_fused_kernels(
     tiny_cfg: ModelConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On a bf16 GPU (patched) the DDP step trains through the kernels, as ``TrainStep`` does."""
+    """Where ``auto`` picks the kernels (patched: a bf16 GPU, and a float32 step the kernels
+    pay for, float32 being what the interpreter computes right), the DDP step trains through
+    them, as ``TrainStep`` does."""
     monkeypatch.setattr("model.steps.accelerated", lambda device: True)
-    cfg = replace(tiny_cfg, win_size=64, d_model=64, n_heads=2, e_layers=1)  # fused pays
+    monkeypatch.setattr("model.steps.fused_attention_pays", lambda model_cfg, precision: True)
+    cfg = replace(tiny_cfg, win_size=64, d_model=64, n_heads=2, e_layers=1)
     generator = torch.Generator().manual_seed(0)
     windows = torch.randn(2, cfg.win_size, cfg.n_channels, generator=generator)
     plain = _step(cfg, FAST)
