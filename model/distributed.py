@@ -120,7 +120,8 @@ class DistributedTrainStep(TrainStep):
         self.losses = ddp
         if train_cfg.compile:
             self.cuda_graphs = cuda_graphs and backend == "inductor" and on_cuda
-            options = compile_options(self.cuda_graphs) if backend == "inductor" else None
+            inductor = backend == "inductor"
+            options = compile_options(self.cuda_graphs, training=True) if inductor else None
             self.losses = torch.compile(ddp, backend=backend, options=options)
 
 

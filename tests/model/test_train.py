@@ -13,7 +13,13 @@ import torch
 
 from model.config import ModelConfig, TrainConfig
 from model.network import AnomalyTransformer
-from model.steps import TrainStep, epoch_batches, make_optimizer, validation_rec
+from model.steps import (
+    TrainStep,
+    compile_options,
+    epoch_batches,
+    make_optimizer,
+    validation_rec,
+)
 from model.train import EpochRecord, fit, reference_lr
 from model.windows import WindowSet
 
@@ -62,6 +68,16 @@ def test_the_compiled_step_trains_like_the_eager_step(
         torch.testing.assert_close(compiled(windows), eager(windows))
     for a, b in zip(compiled.model.parameters(), eager.model.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_this_torch_knows_every_inductor_option_we_set(training: bool) -> None:
+    """``torch.compile`` checks option names when called (no compilation here): a torch release
+    that renames one fails this test instead of every compiled step on a GPU."""
+    options = compile_options(cuda_graphs=True, training=training)
+    assert callable(torch.compile(torch.nn.Identity(), options=options))
+    with pytest.raises(RuntimeError, match="Unexpected optimization option"):
+        torch.compile(torch.nn.Identity(), options={**options, "triton.no_such_option": True})
 
 
 def test_gradient_clipping_bounds_the_gradient_norm(
