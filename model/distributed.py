@@ -71,8 +71,11 @@ log = logging.getLogger(__name__)
 
 # Lines of the workers' output that a failure's message ends with.
 FAILURE_LINES = 20
-# The last line of a Python traceback, e.g. "ValueError: invalid data: ...".
-EXCEPTION_LINE = re.compile(r"\b[A-Za-z_][\w.]*(?:Error|Exception): .+")
+# The last line of a Python traceback ("ValueError: invalid data: ..."), or what a C++ abort
+# prints (gloo, NCCL: "terminate called after throwing ...", "what():  ...").
+EXCEPTION_LINE = re.compile(
+    r"\b[A-Za-z_][\w.]*(?:Error|Exception): .+|terminate called .+|what\(\): .+"
+)
 # The buffers are constants: no broadcast before each forward (the argument's name since 2.13).
 _DDP_ARGS = inspect.signature(DistributedDataParallel).parameters
 _NO_BUFFER_SYNC = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch.multiprocessing as mp
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig, TrainConfig
 from model.distributed import (
+    _run_workers,
     default_processes,
     fit_distributed,
     fit_in_processes,
@@ -151,6 +153,23 @@ def test_fit_in_processes_reports_what_failed_in_the_workers() -> None:
         fit_in_processes(model_cfg, train_cfg, one_window, [], processes=0)
     with pytest.raises(ValueError, match="non-finite"):
         fit_in_processes(model_cfg, train_cfg, [np.full((32, 3), np.nan, np.float32)], [], 2)
+
+
+def test_a_worker_that_aborts_in_cpp_is_reported_with_its_exception() -> None:
+    """A C++ exception (gloo, NCCL) ends a worker with SIGABRT and no Python traceback: its
+    ``terminate called`` and ``what()`` lines name the cause, however long torchrun's summary."""
+    abort = (
+        "import os\n"
+        "print(\"terminate called after throwing an instance of 'gloo::IoException'\")\n"
+        "print('  what():  [gloo] Connection closed by peer', flush=True)\n"
+        "print('summary line\\n' * 50, flush=True)\n"
+        "os.abort()"
+    )
+    cause = (
+        r"raised: terminate called .*'gloo::IoException' \| what\(\):  \[gloo\] Connection closed"
+    )
+    with pytest.raises(RuntimeError, match=cause):
+        _run_workers([sys.executable, "-c", abort], processes=2)
 
 
 def test_one_process_per_visible_gpu_at_most_and_by_default(
