@@ -38,8 +38,8 @@ def compile_options(cuda_graphs: bool, *, training: bool = False) -> dict[str, b
     finite inputs into NaN (bench run of 2026-11-28); the two-pass lowering is correct.
     ``triton.cudagraphs`` is what ``mode="reduce-overhead"`` sets. A ``training`` step also
     launches its kernels with programmatic dependent launch (``triton.enable_pdl``; Hopper and
-    newer, ignored elsewhere) and without ``triton.mix_order_reduction``, which sums each
-    LayerNorm backward's weight gradient in two eager ``sum`` calls: on an H200 the step is
+    newer, ignored elsewhere) and without ``triton.mix_order_reduction``, which ends each
+    LayerNorm backward's weight and bias gradients with eager ``sum`` calls: on an H200 the step is
     2.9% and 2.1% faster with each, 4.9% with both (docs/performance.md, 2026-12-04).
     """
     options = {"online_softmax": False, "triton.cudagraphs": cuda_graphs}
