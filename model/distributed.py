@@ -49,7 +49,7 @@ from model.losses import MinimaxLosses
 from model.network import AnomalyTransformer
 from model.steps import (
     TrainStep,
-    compile_options,
+    compile_training,
     deterministic_mode,
     epoch_batches,
     make_optimizer,
@@ -123,9 +123,7 @@ class DistributedTrainStep(TrainStep):
         self.losses = ddp
         if train_cfg.compile:
             self.cuda_graphs = cuda_graphs and backend == "inductor" and on_cuda
-            inductor = backend == "inductor"
-            options = compile_options(self.cuda_graphs, training=True) if inductor else None
-            self.losses = torch.compile(ddp, backend=backend, options=options)
+            self.losses = compile_training(ddp, backend, self.cuda_graphs)
 
 
 def _check_minimax(train_cfg: TrainConfig) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -46,6 +47,14 @@ def compile_options(cuda_graphs: bool, *, training: bool = False) -> dict[str, b
     if training:
         options |= {"triton.enable_pdl": True, "triton.mix_order_reduction": False}
     return options
+
+
+def compile_training(fn: Callable[..., Any], backend: str, cuda_graphs: bool) -> Callable[..., Any]:
+    """``torch.compile`` of a training objective: with ``compile_options(cuda_graphs,
+    training=True)`` for Inductor, no options for other backends (``"eager"``, ``"aot_eager"``:
+    the compiled path checked cheaply)."""
+    options = compile_options(cuda_graphs, training=True) if backend == "inductor" else None
+    return torch.compile(fn, backend=backend, options=options)
 
 
 def fused_attention_blocker(model_cfg: ModelConfig, device: torch.device) -> str | None:
@@ -152,9 +161,7 @@ class TrainStep:
         self.cuda_graphs = train_cfg.compile and backend == "inductor" and on_cuda
         self.losses = self._eager_losses
         if train_cfg.compile:
-            inductor = backend == "inductor"
-            options = compile_options(self.cuda_graphs, training=True) if inductor else None
-            self.losses = torch.compile(self._eager_losses, backend=backend, options=options)
+            self.losses = compile_training(self._eager_losses, backend, self.cuda_graphs)
 
     def _eager_losses(self, x: torch.Tensor) -> MinimaxLosses:
         if self.train_cfg.attention == "fused":
