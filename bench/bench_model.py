@@ -54,7 +54,8 @@ from model.scoring import score_series
 from model.steps import TrainStep
 from model.windows import WindowSet
 
-TARGETS = {"train": 25_000, "score": 90_000, "overlap": 0.95}
+# Issue 4 (one H200, batch 256, window 100); issue 2 asked for 25k training and 90k scoring.
+TARGETS = {"train": 100_000, "score": 300_000, "overlap": 0.95}
 ANCHORS = (
     "Anchors (performance_anchor.md, same machine kind): upstream fp32 4,471 train / 17,449 score "
     "windows/s; stock-PyTorch best 24,139 / 90,825; bf16 floor 254k / 759k."
@@ -223,9 +224,10 @@ def run_scoring(
 def verdict(train_rows: list[dict[str, Any]], score_rows: list[dict[str, Any]]) -> str:
     best_train = max(train_rows, key=lambda r: r["windows_per_s"])
     fast_scores = [r for r in score_rows if "bf16" in r["variant"]] or score_rows
+    met = best_train["windows_per_s"] >= TARGETS["train"]
     lines = [
-        f"- training: best {best_train['windows_per_s']:,.0f} windows/s ({best_train['variant']}); "
-        f"target {TARGETS['train']:,}",
+        f"- training: best {best_train['windows_per_s']:,.0f} windows/s ({best_train['variant']}): "
+        f"{'meets' if met else 'misses'} the target (>= {TARGETS['train']:,} windows/s)",
     ]
     for r in fast_scores:
         met = r["windows_per_s"] >= TARGETS["score"] and r["top_overlap"] >= TARGETS["overlap"]

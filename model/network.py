@@ -80,6 +80,23 @@ def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
     return encoding
 
 
+class AutocastLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that returns the autocast dtype under autocast (statistics in float32).
+
+    Plain autocast returns layer norms in float32, so the residual stream between layers and its
+    gradients would be float32, though every product casts them to bf16 anyway. In bf16 the fused
+    training step on an H200 is 4.2% faster this way (58,125 -> 60,552 windows/s) with the same
+    gradient distance to float32 (2.57e-3; docs/performance.md, 2026-12-04).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normalised = super().forward(x)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            return normalised.to(torch.get_autocast_dtype(device_type))
+        return normalised
+
+
 class DataEmbedding(nn.Module):
     """Circular token convolution (kernel 3, no bias) plus sinusoidal positions.
 
@@ -217,8 +234,8 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.attention = AnomalyAttention(cfg)
-        self.norm1 = nn.LayerNorm(cfg.d_model)
-        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.norm1 = AutocastLayerNorm(cfg.d_model)
+        self.norm2 = AutocastLayerNorm(cfg.d_model)
         self.ffn = nn.Sequential(
             nn.Linear(cfg.d_model, cfg.d_ff),
             nn.GELU(),
@@ -253,7 +270,7 @@ class AnomalyTransformer(nn.Module):
         self.cfg = cfg
         self.embedding = DataEmbedding(cfg)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.e_layers))
-        self.norm = nn.LayerNorm(cfg.d_model)
+        self.norm = AutocastLayerNorm(cfg.d_model)
         self.projection = nn.Linear(cfg.d_model, cfg.n_channels)
 
     def forward(self, x: torch.Tensor, *, check_finite: bool = True) -> ModelOutput:

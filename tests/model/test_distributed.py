@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import model.distributed
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig, TrainConfig
 from model.distributed import (
+    DistributedTrainStep,
     _run_workers,
     default_processes,
     fit_distributed,
@@ -25,6 +29,8 @@ from model.distributed import (
     save_dataset,
     train_from_file,
 )
+from model.network import AnomalyTransformer
+from model.steps import TrainStep, make_optimizer
 from model.train import fit
 
 MODEL = {"n_channels": 3, "win_size": 16, "d_model": 16, "n_heads": 2, "e_layers": 1, "d_ff": 16}
@@ -105,6 +111,60 @@ def test_two_ranks_train_like_one_process_with_the_global_batch(
         np.testing.assert_allclose(two, _one_process(two_ranks, fit_distributed), rtol=1e-4)
     finally:
         dist.destroy_process_group()
+
+
+# Wide enough that 1 MB buckets split its gradients (DDP's first bucket is 1 MB at least).
+WIDE_MODEL = {**MODEL, "d_model": 256, "e_layers": 2, "d_ff": 256}
+
+
+def _wide_batch() -> tuple[ModelConfig, TrainConfig, torch.Tensor]:
+    """The wide network's config, a compiled training config and a batch of 8 windows."""
+    train_cfg = TrainConfig(batch_size=4, device="cpu", progress=False, compile=True)
+    generator = torch.Generator().manual_seed(1)
+    windows = torch.randn(8, MODEL["win_size"], MODEL["n_channels"], generator=generator)
+    return ModelConfig(**WIDE_MODEL), train_cfg, windows
+
+
+def _compiled_rank(rank: int, world: int, folder: str) -> None:
+    """One rank's compiled DDP gradient on its half of the batch, with 1 MB buckets, and how many
+    graphs AOTAutograd compiled (Dynamo's default would split the graph at each bucket)."""
+    from torch._dynamo.utils import counters
+
+    torch.set_num_threads(1)
+    root = Path(folder)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=world
+    )
+    ddp_class = torch.nn.parallel.DistributedDataParallel
+    model.distributed.DistributedDataParallel = functools.partial(ddp_class, bucket_cap_mb=1)
+    try:
+        model_cfg, train_cfg, windows = _wide_batch()
+        torch.manual_seed(0)
+        network = AnomalyTransformer(model_cfg)
+        optimizer = make_optimizer(network, train_cfg)
+        step = DistributedTrainStep(network, optimizer, model_cfg, train_cfg, backend="aot_eager")
+        step.backward(windows.chunk(world)[rank])
+        grads = {name: p.grad for name, p in network.named_parameters()}
+        graphs = counters["aot_autograd"]["total"]
+        torch.save({"grads": grads, "graphs": graphs}, root / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_ddp_is_one_graph_and_averages_the_ranks_gradients(tmp_path: Path) -> None:
+    mp.spawn(_compiled_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
+    model_cfg, train_cfg, windows = _wide_batch()
+    torch.manual_seed(0)
+    network = AnomalyTransformer(model_cfg)
+    eager = replace(train_cfg, compile=False)
+    TrainStep(network, make_optimizer(network, eager), model_cfg, eager).backward(windows)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        assert result["graphs"] == 1
+        for name, parameter in network.named_parameters():
+            torch.testing.assert_close(
+                result["grads"][name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name
+            )
 
 
 def test_ranks_take_disjoint_slices_of_the_same_global_batches() -> None:

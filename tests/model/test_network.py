@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from model.config import ModelConfig
 from model.device import resolve_device
 from model.losses import minimax_losses, surrogate_loss
-from model.network import AnomalyTransformer, sinusoidal_positions
+from model.network import AnomalyTransformer, AutocastLayerNorm, sinusoidal_positions
 
 SIGMA_MIN = 3.0**1e-5 - 1.0
 SIGMA_MAX = 3.0 ** (1.0 + 1e-5) - 1.0
@@ -20,6 +20,21 @@ SIGMA_MAX = 3.0 ** (1.0 + 1e-5) - 1.0
 def _model(cfg: ModelConfig, seed: int = 0) -> AnomalyTransformer:
     torch.manual_seed(seed)
     return AnomalyTransformer(cfg)
+
+
+def test_layer_norms_return_the_autocast_dtype_with_float32_statistics() -> None:
+    """Under bf16 autocast the residual stream stays bf16; the statistics are float32."""
+    norm = AutocastLayerNorm(8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = (1000.0 + 10.0 * torch.randn(4, 8)).to(torch.bfloat16)  # a mean bf16 cannot centre on
+    expected = F.layer_norm(x.float(), (8,), norm.weight, norm.bias, norm.eps)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        normalised = norm(x)
+    assert normalised.dtype == torch.bfloat16
+    assert torch.equal(normalised, expected.to(torch.bfloat16))
+    assert torch.equal(norm(x.float()), expected)  # float32 outside autocast
 
 
 def test_output_shapes(tiny_cfg: ModelConfig, windows: torch.Tensor) -> None:
