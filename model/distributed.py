@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,14 +84,6 @@ _NO_BUFFER_SYNC = {
 }
 
 
-# Dynamo compiles the DDP-wrapped objective as one graph, and DDP's reducer averages the
-# gradients once the backward is done. By default Dynamo splits the graph at DDP's bucket
-# boundaries so that the all-reduce overlaps the backward: on one H200 that split cost 16% of the
-# fused bf16 step (45,824 against 54,540 windows/s, docs/performance.md, 2026-12-04), against an
-# all-reduce of the reference network's 19 MB of float32 gradients after the backward.
-_ONE_GRAPH = torch._dynamo.config.patch(optimize_ddp=False)
-
-
 class _Objective(torch.nn.Module):
     """The network plus the minimax losses as one module, so that DDP (and compile) wraps both."""
 
@@ -131,7 +124,20 @@ class DistributedTrainStep(TrainStep):
         self.losses = ddp
         if train_cfg.compile:
             self.cuda_graphs = cuda_graphs and backend == "inductor" and on_cuda
-            self.losses = _ONE_GRAPH(compile_training(ddp, backend, self.cuda_graphs))
+            compiled = compile_training(ddp, backend, self.cuda_graphs)
+            self.losses = _one_graph(compiled)
+
+
+def _one_graph(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """``compiled`` (a ``torch.compile`` of a DDP module) traced as one graph; DDP's reducer
+    averages the gradients once the backward is done.
+
+    By default Dynamo splits the graph at DDP's bucket boundaries so that the all-reduce overlaps
+    the backward: on one H200 that split cost 16% of the fused bf16 step (45,824 against 54,540
+    windows/s, docs/performance.md, 2026-12-04), where the reference network's gradients are
+    19 MB of float32 to all-reduce after the backward.
+    """
+    return torch._dynamo.config.patch(optimize_ddp=False)(compiled)
 
 
 def _check_minimax(train_cfg: TrainConfig) -> None:
