@@ -124,8 +124,7 @@ class DistributedTrainStep(TrainStep):
         self.losses = ddp
         if train_cfg.compile:
             self.cuda_graphs = cuda_graphs and backend == "inductor" and on_cuda
-            compiled = compile_training(ddp, backend, self.cuda_graphs)
-            self.losses = _one_graph(compiled)
+            self.losses = _one_graph(compile_training(ddp, backend, self.cuda_graphs))
 
 
 def _one_graph(compiled: Callable[..., Any]) -> Callable[..., Any]:
