@@ -240,6 +240,25 @@ def _take_from_windows(batches: _WindowBatches, skip: int) -> torch.Tensor:
     return out
 
 
+def _overlap_add(windows: torch.Tensor) -> torch.Tensor:
+    """Per-point sums of consecutive stride-1 windows' values `(b, L, C)`: `(b + L - 1, C)`,
+    where window ``w``'s position ``l`` is point ``w + l``.
+
+    Each sum runs over one diagonal of the windows in a fixed order, read through a strided view
+    of the windows between ``L - 1`` zero windows on each side: no scatter, no atomics.
+    """
+    n_windows, win, channels = windows.shape
+    zeros = windows.new_zeros(win - 1, win, channels)
+    padded = torch.cat([zeros, windows, zeros])  # (b + 2L - 2, L, C)
+    # diagonals[p, k] = padded[p + k, L - 1 - k] = windows[p - (L - 1 - k), L - 1 - k]
+    diagonals = padded.as_strided(
+        (n_windows + win - 1, win, channels),
+        (win * channels, (win - 1) * channels, 1),
+        (win - 1) * channels,
+    )
+    return diagonals.sum(dim=1)
+
+
 def _mean_over_windows(batches: _WindowBatches, skip: int) -> torch.Tensor:
     """Each point's average over every window containing it: `(T - skip, C)`.
 
@@ -249,12 +268,12 @@ def _mean_over_windows(batches: _WindowBatches, skip: int) -> torch.Tensor:
     n_points, win = batches.series.shape[0], batches.model.cfg.win_size
     device = batches.series.device
     out = torch.zeros(n_points - skip, batches.series.shape[1], device=device, dtype=torch.float64)
-    starts = torch.arange(max(0, skip - win + 1), n_points - win + 1, device=device)
-    for batch in starts.split(batches.batch_size):
-        weighted = batches.weighted(batch)  # (b, L, C)
-        rows = batch[:, None] + batches.offsets  # (b, L)
-        kept = weighted.double() * (rows >= skip).unsqueeze(-1)  # (b, L, C): context adds nothing
-        out.index_put_(((rows - skip).clamp(min=0).flatten(),), kept.flatten(0, 1), accumulate=True)
+    for first in range(max(0, skip - win + 1), n_points - win + 1, batches.batch_size):
+        last = min(first + batches.batch_size, n_points - win + 1)  # windows first..last-1
+        weighted = batches.weighted(torch.arange(first, last, device=device))  # (b, L, C)
+        sums = _overlap_add(weighted.double())  # (b + L - 1, C): points first..last+L-2
+        context = max(0, skip - first)  # points before skip add nothing
+        out[first + context - skip : last + win - 1 - skip] += sums[context:]
     points = torch.arange(skip, n_points, device=device)
     coverage = points.clamp(max=n_points - win) - (points - win + 1).clamp(min=0) + 1  # (P,)
     return (out / coverage.unsqueeze(-1)).float()

@@ -11,6 +11,7 @@ from model.losses import association_discrepancy
 from model.network import AnomalyTransformer
 from model.scoring import (
     METHODS,
+    _overlap_add,
     _take_from_windows,
     _WindowBatches,
     provisional_points,
@@ -73,6 +74,15 @@ def test_each_method_matches_the_plain_computation(
     np.testing.assert_allclose(result.scores, result.contributions.sum(axis=1), rtol=1e-6)
     assert result.scores.shape == (len(values),)
     assert (result.scores >= 0).all()
+
+
+@pytest.mark.parametrize("n_windows", [1, 3, 40])
+def test_overlap_add_sums_every_window_value_at_its_point(n_windows: int) -> None:
+    windows = torch.randn(n_windows, 16, 3, dtype=torch.float64)
+    expected = torch.zeros(n_windows + 15, 3, dtype=torch.float64)
+    for start in range(n_windows):
+        expected[start : start + 16] += windows[start]
+    torch.testing.assert_close(_overlap_add(windows), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("skip", [0, 5, 20, 60])
