@@ -37,6 +37,15 @@ def test_layer_norms_return_the_autocast_dtype_with_float32_statistics() -> None
     assert torch.equal(norm(x.float()), expected)  # float32 outside autocast
 
 
+def test_the_embedding_starts_the_residual_stream_in_the_autocast_dtype(
+    tiny_cfg: ModelConfig, windows: torch.Tensor
+) -> None:
+    embedding = _model(tiny_cfg).embedding
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert embedding(windows).dtype == torch.bfloat16
+    assert embedding(windows).dtype == torch.float32
+
+
 def test_output_shapes(tiny_cfg: ModelConfig, windows: torch.Tensor) -> None:
     out = _model(tiny_cfg)(windows)
     batch, length, channels, heads = 4, tiny_cfg.win_size, tiny_cfg.n_channels, tiny_cfg.n_heads
