@@ -129,7 +129,7 @@ def test_half_precision_is_as_close_to_fp32_as_the_plain_path() -> None:
 
 
 # Blocks of 16: L=37 takes three row blocks and three key blocks, the last ones partly padded.
-SMALL_BLOCKS = KernelConfig(16, 16, 1, 16, 16, 1, 16, 16, 1)
+SMALL_BLOCKS = KernelConfig(16, 1, 16, 1, 16, 16, 1)
 
 
 @pytest.mark.parametrize(
@@ -175,17 +175,6 @@ def test_each_side_sends_gradient_to_its_own_inputs_only() -> None:
     prior_grads = torch.autograd.grad(prior_side.sum(), (q, k, v, sigma))
     assert [bool(g.abs().sum() > 0) for g in series_grads] == [True, True, False, False]
     assert [bool(g.abs().sum() > 0) for g in prior_grads] == [False, False, False, True]
-
-
-def test_without_gradients_the_forward_gives_the_same_values() -> None:
-    """Under ``no_grad`` the forward keeps nothing for backward; its outputs are unchanged."""
-    q, k, v = (torch.randn(2, 2, 37, 24, requires_grad=True) for _ in range(3))
-    sigma = torch.rand(2, 2, 37).add(0.1).requires_grad_()
-    with_grad = anomaly_attention(q, k, v, sigma)
-    with torch.no_grad():
-        without = anomaly_attention(q, k, v, sigma)
-    for kept, not_kept in zip(with_grad, without, strict=True):
-        torch.testing.assert_close(not_kept, kept.detach(), rtol=0, atol=0)
 
 
 def test_a_sharp_prior_stays_finite() -> None:
