@@ -1,5 +1,6 @@
 """GPU smoke run of the public API: fit's compiled bf16 path (plain, fused and auto attention),
-determinism, every scoring method, and that a point's bf16 score on the GPU, of one network or
+that fused attention trains as well as plain attention over 3,000 steps, determinism, every
+scoring method, and that a point's bf16 score on the GPU, of one network or
 an ensemble, does not depend on how its series is cut into calls.
 
 From the repository root on a CUDA machine: ``python3 -m bench.smoke_gpu``. Prints one line per
@@ -26,7 +27,7 @@ from model.config import (
 from model.ensemble import EnsembleCheckpoint
 from model.scoring import METHODS, provisional_points, score_series
 from model.steps import resolve_attention
-from model.train import fit
+from model.train import FitResult, fit
 
 
 def _fit(
@@ -34,7 +35,7 @@ def _fit(
     train: list[np.ndarray],
     val: list[np.ndarray],
     model_cfg: ModelConfig = ModelConfig(n_channels=38),  # noqa: B008
-) -> torch.nn.Module:
+) -> FitResult:
     started = time.perf_counter()
     result = fit(model_cfg, train_cfg, train, val)
     history = result.history.to_dict()
@@ -45,7 +46,7 @@ def _fit(
         f"val_rec {[round(v, 4) for v in history['val_rec']]}, best epoch {history['best_epoch']}",
         flush=True,
     )
-    return result.model
+    return result
 
 
 def main() -> None:
@@ -53,12 +54,13 @@ def main() -> None:
     train = [rows[:15_000], rows[15_000:30_000]]  # two entities
     val = [rows[30_000:36_000]]
     fast_cfg = TrainConfig(precision="bf16", compile=True, max_epochs=3, stride=10, progress=False)
-    model = _fit(fast_cfg, train, val)
+    model = _fit(fast_cfg, train, val).model
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    fused = _fit(replace(fast_cfg, attention="fused"), train, val)
+    fused = _fit(replace(fast_cfg, attention="fused"), train, val).model
     assert all(torch.isfinite(p).all() for p in fused.parameters())
+    _check_fused_trains_like_plain(fast_cfg)
     exact = TrainConfig(deterministic=True, max_epochs=1, stride=50, progress=False, seed=3)
-    first, second = (_fit(exact, train, val).state_dict() for _ in range(2))
+    first, second = (_fit(exact, train, val).model.state_dict() for _ in range(2))
     same = all(torch.equal(first[name], second[name]) for name in first)
     print(f"deterministic fits identical: {same}", flush=True)
     assert same
@@ -89,7 +91,7 @@ def main() -> None:
     }
     print(f"attention='auto' on this GPU for windows 100 and 25: {resolved}", flush=True)
     assert resolved == {100: "fused", 25: "plain"}  # where each trains faster
-    short = _fit(auto, train, val, short_cfg)
+    short = _fit(auto, train, val, short_cfg).model
     scales = {"sensor_scales": {"e": [1.0] * 38}}
     ensemble = EnsembleCheckpoint(
         (Checkpoint(model, model.cfg, scales), Checkpoint(short, short.cfg, scales)),
@@ -102,6 +104,22 @@ def main() -> None:
 
     lag = ensemble.provisional_points
     _check_cut_invariance(ensemble_scores, test, context, lag, "ensemble (windows 100 and 25)")
+
+
+def _check_fused_trains_like_plain(fast_cfg: TrainConfig, steps: int = 3_000) -> None:
+    """The best validation MSE of ``steps`` bf16 steps (stride 1) with fused attention is within
+    1.5x of plain attention's. Short fits agree to 4 digits even where the kernels' rounding
+    biases the gradient once attention has sharpened: kernels that did trained to 0.165 in
+    2,767 steps where the kernels before them reached 0.0040 (docs/performance.md)."""
+    rows = smd_like(250_000, 38, seed=3)
+    train, val = [rows[:230_000]], [rows[230_000:]]
+    long_cfg = replace(fast_cfg, stride=1, max_steps=steps, max_epochs=1_000)
+    best = {}
+    for attention in ("plain", "fused"):
+        history = _fit(replace(long_cfg, attention=attention), train, val).history
+        best[attention] = min(r.val_rec for r in history.epochs if r.val_rec is not None)
+    print(f"best validation MSE after {steps} steps: {best}", flush=True)
+    assert best["fused"] <= 1.5 * best["plain"] + 1e-4
 
 
 def _check_cut_invariance(
