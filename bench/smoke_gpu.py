@@ -108,9 +108,9 @@ def main() -> None:
 
 def _check_fused_trains_like_plain(fast_cfg: TrainConfig, steps: int = 3_000) -> None:
     """The best validation MSE of ``steps`` bf16 steps (stride 1) with fused attention is within
-    1.5x of plain attention's. Short fits agree to 4 digits even where the kernels' rounding
-    biases the gradient once attention has sharpened: kernels that did trained to 0.165 in
-    2,767 steps where the kernels before them reached 0.0040 (docs/performance.md)."""
+    1.5x of plain attention's. The 36-step fits above agree to 4 digits even for kernels that
+    train worse over thousands of steps: kernels that did reached 0.165 in 2,767 steps where the
+    kernels before them reached 0.0040 (docs/performance.md, third version)."""
     rows = smd_like(250_000, 38, seed=3)
     train, val = [rows[:230_000]], [rows[230_000:]]
     long_cfg = replace(fast_cfg, stride=1, max_steps=steps, max_epochs=1_000)
