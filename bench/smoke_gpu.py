@@ -1,7 +1,7 @@
 """GPU smoke run of the public API: fit's compiled bf16 path (plain, fused and auto attention),
 that fused attention trains as well as plain attention over 3,000 steps, determinism, every
-scoring method, and that a point's bf16 score on the GPU, of one network or
-an ensemble, does not depend on how its series is cut into calls.
+scoring method, and that a point's bf16 score on the GPU, of one network or an ensemble, does
+not depend on how its series is cut into calls.
 
 From the repository root on a CUDA machine: ``python3 -m bench.smoke_gpu``. Prints one line per
 check and raises on the first failure.
