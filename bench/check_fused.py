@@ -5,8 +5,8 @@ then fp32, one table row per variant and precision:
 
 * variants: the plain path eager and compiled (Inductor); the fused kernels
   (``model.fused_attention``) compiled with the dtype's default (``DEFAULT_CONFIGS``), and eager
-  with each of ``CANDIDATE_CONFIGS`` (label: fwd rows/warps, dq rows/warps, dk/dv keys x
-  rows/warps);
+  with each of ``CANDIDATE_CONFIGS`` (label: fwd rows x keys/warps, dq rows x keys/warps,
+  dk/dv keys x rows/warps);
 * time of forward + backward of the attention alone (no projections) of a surrogate-like
   objective (output term - k series_loss + k prior_loss): median wall ms and, on CUDA, GPU ms
   per call (all kernels, from the profiler), the ms of each fused kernel, and the peak memory;
@@ -128,8 +128,10 @@ def fused_objective(attend: Callable[..., tuple[torch.Tensor, ...]]) -> Objectiv
 
 
 def label(config: Any) -> str:
-    f_rows, f_warps, q_rows, q_warps, keys, kv_rows, kv_warps = config
-    return f"f{f_rows}/{f_warps} q{q_rows}/{q_warps} kv{keys}x{kv_rows}/{kv_warps}"
+    f_rows, f_keys, f_warps, q_rows, q_keys, q_warps, keys, kv_rows, kv_warps = config
+    return (
+        f"f{f_rows}x{f_keys}/{f_warps} q{q_rows}x{q_keys}/{q_warps} kv{keys}x{kv_rows}/{kv_warps}"
+    )
 
 
 def variants(attention: AnomalyAttention) -> list[Variant]:
@@ -281,9 +283,9 @@ def best_per_kernel(rows: list[Row]) -> str:
     if not candidates:
         return "no bf16 candidate with kernel times"
     parts = {  # each kernel's fields of KernelConfig
-        "attention_fwd": slice(0, 2),
-        "attention_bwd_dq": slice(2, 4),
-        "attention_bwd_dkdv": slice(4, 7),
+        "attention_fwd": slice(0, 3),
+        "attention_bwd_dq": slice(3, 6),
+        "attention_bwd_dkdv": slice(6, 9),
     }
     lines, fields = ["| kernel | fastest candidate | ms |", "| --- | --- | --- |"], []
     for kernel, part in parts.items():

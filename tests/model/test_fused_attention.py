@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 # Before model.fused_attention is imported: its kernels are then built for the interpreter. Only
 # for the import: a variable left in os.environ would reach every process the session starts.
@@ -134,7 +136,7 @@ def test_half_precision_is_as_close_to_fp32_as_the_plain_path(sharpness: float) 
 
 
 # Blocks of 16: L=37 takes three row blocks and three key blocks, the last ones partly padded.
-SMALL_BLOCKS = KernelConfig(16, 1, 16, 1, 16, 16, 1)
+SMALL_BLOCKS = KernelConfig(16, 16, 1, 16, 16, 1, 16, 16, 1)
 
 
 @pytest.mark.parametrize(
@@ -172,6 +174,18 @@ def test_every_kernel_config_matches_the_plain_attention(config: KernelConfig) -
             )
 
 
+def test_every_kernel_launch_compiles_for_the_gpu() -> None:
+    """Triton's GPU frontend lowers every launch of every candidate config, fp32 and bf16 (the
+    interpreter the other tests use runs Python the GPU compiler rejects)."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.model.triton_frontend"],
+        cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("lowered ") == 3 * 2 * len(CANDIDATE_CONFIGS)
+
+
 def test_each_side_sends_gradient_to_its_own_inputs_only() -> None:
     q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
     sigma = torch.rand(1, 2, 20).add(0.1).requires_grad_()
@@ -180,6 +194,17 @@ def test_each_side_sends_gradient_to_its_own_inputs_only() -> None:
     prior_grads = torch.autograd.grad(prior_side.sum(), (q, k, v, sigma))
     assert [bool(g.abs().sum() > 0) for g in series_grads] == [True, True, False, False]
     assert [bool(g.abs().sum() > 0) for g in prior_grads] == [False, False, False, True]
+
+
+def test_without_gradients_the_forward_gives_the_same_values() -> None:
+    """Under ``no_grad`` the forward keeps nothing for backward; its outputs are unchanged."""
+    q, k, v = (torch.randn(2, 2, 37, 24, requires_grad=True) for _ in range(3))
+    sigma = torch.rand(2, 2, 37).add(0.1).requires_grad_()
+    with_grad = anomaly_attention(q, k, v, sigma)
+    with torch.no_grad():
+        without = anomaly_attention(q, k, v, sigma)
+    for kept, not_kept in zip(with_grad, without, strict=True):
+        torch.testing.assert_close(not_kept, kept.detach(), rtol=0, atol=0)
 
 
 def test_a_sharp_prior_stays_finite() -> None:
