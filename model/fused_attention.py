@@ -113,12 +113,6 @@ def _store(PTR, value, b, h, sb, sh, sl, se, index, index_ok, dims, dim_ok):
 
 
 @triton.jit
-def _half_square_distance(rows, cols):
-    distance = (rows - cols).to(tl.float32)
-    return -0.5 * distance * distance
-
-
-@triton.jit
 def _log(x):
     """Natural logarithm of a float32 tile: PTX ``lg2.approx`` on a GPU (the H200 training step
     3.5% faster than with ``tl.log``, docs/performance.md), ``tl.log`` in Triton's interpreter."""
@@ -132,17 +126,20 @@ def _log(x):
 
 
 @triton.jit
-def _log_ratio(series, prior, eps):
-    """``log(s + eps) - log(p + eps)`` of a tile, with one logarithm."""
-    return _log((series + eps) / (prior + eps))
-
-
-@triton.jit
-def _scores(q, K, b, h, skb, skh, skl, ske, cols, col_ok, dims, dim_ok, scale):
-    """``scale q k^T`` of a row block against the keys ``cols``; -inf at padded keys."""
+def _key_block(
+    q, K, b, h, skb, skh, skl, ske, prior_rows, key_start, dims, dim_ok, scale,
+    L: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """For the ``BLOCK_N`` keys from ``key_start``: the keys and their mask, ``scale q k^T`` of
+    the row block (-inf at padded keys) and the half square distances ``-(i - j)^2 / 2`` of the
+    ``prior_rows`` to them."""
+    cols = key_start + tl.arange(0, BLOCK_N)
+    col_ok = cols < L
     k = _load(K, b, h, skb, skh, skl, ske, cols, col_ok, dims, dim_ok)
     scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-    return tl.where(col_ok[None, :], scores, float("-inf"))
+    scores = tl.where(col_ok[None, :], scores, float("-inf"))
+    distance = (prior_rows - cols[None, :]).to(tl.float32)
+    return cols, col_ok, scores, -0.5 * distance * distance
 
 
 @triton.jit
@@ -176,14 +173,14 @@ def _attention_fwd(
     norm = tl.zeros((BLOCK_M,), tl.float32)
     spread = tl.zeros((BLOCK_M,), tl.float32)
     for key_start in range(0, L, BLOCK_N):
-        cols = key_start + tl.arange(0, BLOCK_N)
-        col_ok = cols < L
-        scores = _scores(q, K, b, h, skb, skh, skl, ske, cols, col_ok, dims, dim_ok, scale_log2)
+        cols, col_ok, scores, half_square = _key_block(
+            q, K, b, h, skb, skh, skl, ske, prior_rows, key_start, dims, dim_ok, scale_log2,
+            L, BLOCK_N,
+        )  # fmt: skip
         new_top = tl.maximum(top, tl.max(scores, axis=1))
         exp_scores = tl.exp2(scores - new_top[:, None])
         total = total * tl.exp2(top - new_top) + tl.sum(exp_scores, axis=1)
         top = new_top
-        half_square = _half_square_distance(prior_rows, cols[None, :])
         gaussian = tl.where(col_ok[None, :], tl.exp2(half_square * inverse_variance), 0.0)
         norm += tl.sum(gaussian, axis=1)
         spread += tl.sum(gaussian * half_square, axis=1)
@@ -193,13 +190,13 @@ def _attention_fwd(
     discrepancy = tl.zeros((BLOCK_M,), tl.float32)
     prior_slope = tl.zeros((BLOCK_M,), tl.float32)
     for key_start in range(0, L, BLOCK_N):
-        cols = key_start + tl.arange(0, BLOCK_N)
-        col_ok = cols < L
-        scores = _scores(q, K, b, h, skb, skh, skl, ske, cols, col_ok, dims, dim_ok, scale_log2)
+        cols, col_ok, scores, half_square = _key_block(
+            q, K, b, h, skb, skh, skl, ske, prior_rows, key_start, dims, dim_ok, scale_log2,
+            L, BLOCK_N,
+        )  # fmt: skip
         series = tl.where(col_ok[None, :], tl.exp2(scores - log2_sum_exp), 0.0)
         v = _load(V, b, h, svb, svh, svl, sve, cols, col_ok, dims, dim_ok)
         heads += tl.dot(series.to(v.dtype), v, input_precision="ieee")
-        half_square = _half_square_distance(prior_rows, cols[None, :])
         prior = tl.exp2(half_square * inverse_variance - log2_norm)
         prior = tl.where(col_ok[None, :], prior, 0.0)
         inverse_prior, difference = 1.0 / (prior + eps), series - prior
