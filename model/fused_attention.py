@@ -325,8 +325,9 @@ def _heads_like(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty((batch, length, n_heads, head_dim)).transpose(1, 2)
 
 
-def _rows_like(sigma: torch.Tensor, *lead: int) -> torch.Tensor:
-    return torch.empty((*lead, *sigma.shape), dtype=torch.float32, device=sigma.device)
+def _rows_like(sigma: torch.Tensor) -> torch.Tensor:
+    """An empty float32 `(B, H, L)` row buffer."""
+    return torch.empty(sigma.shape, dtype=torch.float32, device=sigma.device)
 
 
 def _tiles(q: torch.Tensor, keep: bool) -> torch.Tensor:
