@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from tasks.errors import AtpError, IngestError
 from tasks.ingest import read_table, to_wide
 
 RANGE_MARGIN = 0.5  # bounds = observed [min, max] widened by half the observed span on each side
+DIGITS = 4  # significant digits of a drafted bound
 RESERVED = ("entity", "ts", "label")  # warehouse columns no sensor may take
 
 
@@ -52,14 +54,23 @@ def _reading_contract(
 
 
 def _bounds(values: pd.Series) -> tuple[float, float]:
-    """Observed range widened by ``RANGE_MARGIN`` of its span (of its magnitude, or 1, if flat)."""
+    """Observed range widened by ``RANGE_MARGIN`` of its span (of its magnitude, or 1, if flat),
+    rounded outwards to ``DIGITS`` significant digits (so never inside the widened range)."""
     low, high = float(values.min()), float(values.max())
     span = high - low or max(abs(high), 1.0)
-    widened = (
-        float(f"{low - RANGE_MARGIN * span:.4g}"),
-        float(f"{high + RANGE_MARGIN * span:.4g}"),
+    return (
+        _round_outwards(low - RANGE_MARGIN * span, ROUND_FLOOR),
+        _round_outwards(high + RANGE_MARGIN * span, ROUND_CEILING),
     )
-    return min(widened[0], low), max(widened[1], high)
+
+
+def _round_outwards(value: float, rounding: str) -> float:
+    """``value`` to ``DIGITS`` significant digits, towards -inf (ROUND_FLOOR) or +inf."""
+    exact = Decimal(repr(value))  # the shortest decimal that reads back as value
+    if not exact.is_finite() or exact.is_zero():
+        return value
+    step = Decimal(1).scaleb(exact.adjusted() - DIGITS + 1)
+    return float(exact.quantize(step, rounding=rounding))
 
 
 def _sensor_entries(

@@ -11,7 +11,12 @@ if TYPE_CHECKING:
     from prefect.states import State
 
 _SQLITE_BUSY = ("database is locked", "database table is locked", "database is busy")
-_PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+PERMANENT_OS_ERRORS = (  # a retry cannot help
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
 
 
 class AtpError(Exception):
@@ -56,7 +61,7 @@ def _transient_here(error: BaseException) -> bool:
     if isinstance(error, sa.exc.TimeoutError):  # no pooled connection came free in time
         return True
     if isinstance(error, OSError):
-        return not isinstance(error, _PERMANENT_OS_ERRORS)
+        return not isinstance(error, PERMANENT_OS_ERRORS)
     return getattr(error, "error_code", None) == "TEMPORARILY_UNAVAILABLE"  # MLflow server busy
 
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_contracts.contract import Contract, load_contract
-from tasks.errors import IngestError
+from tasks.errors import PERMANENT_OS_ERRORS, IngestError
 
 SMD_ORIGIN = datetime(2020, 1, 1)  # naive UTC; SMD has no timestamps, so rows count from here
 SMD_PARTS = ("train", "test", "test_label")
@@ -30,6 +30,7 @@ _SMD_FILE = re.compile(r"(machine-\d+-\d+)\.txt(\.gz)?")
 _NUMBER = re.compile(r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*")
 _GZIP_MAGIC = b"\x1f\x8b"
 _PARQUET_MAGIC = b"PAR1"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 MISSING_TEXT = (  # what pandas reads as missing by default (``read_csv``'s ``na_values``)
     *("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND"),
     *("1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"),
@@ -53,7 +54,10 @@ def file_sha256(path: Path) -> str:
 
 def read_text(path: Path) -> str:
     """The decoded text of a plain or gzip file; refuses a file that is not what its name says."""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except PERMANENT_OS_ERRORS as error:
+        raise IngestError(f"{path}: cannot be read ({error.strerror})") from error
     if path.suffix == ".gz":
         if not raw.startswith(_GZIP_MAGIC):
             raise IngestError(f"{path}: named .gz but is not gzip data")
@@ -63,6 +67,8 @@ def read_text(path: Path) -> str:
             raise IngestError(f"{path}: truncated or corrupt gzip data ({error})") from error
     elif raw.startswith(_GZIP_MAGIC):
         raise IngestError(f"{path}: gzip data in a file not named .gz")
+    if raw.startswith(_UTF16_BOMS):
+        raise IngestError(f"{path}: UTF-16 text; save it as UTF-8")
     if raw.startswith(_PARQUET_MAGIC) or b"\x00" in raw[:65536]:
         raise IngestError(f"{path}: binary data, not text")
     try:
@@ -211,10 +217,7 @@ def _read_csv(path: Path, contract: Contract) -> pd.DataFrame:
     text = read_text(path)
     header = text.partition("\n")[0]
     separator = ";" if header.count(";") > header.count(",") else ","
-    try:
-        names = _header(path, text, separator)
-    except csv.Error as error:
-        raise IngestError(f"{path}: not a CSV file ({error})") from error
+    names = header_names(path, text, separator)
     kept = {contract.entity_column, contract.sensor_column}
     missing = {i: [""] if name in kept else MISSING_TEXT for i, name in enumerate(names)}
     text_columns = {contract.entity_column: "str", contract.timestamp_column: "str"}
@@ -230,8 +233,16 @@ def _read_csv(path: Path, contract: Contract) -> pd.DataFrame:
         raise IngestError(f"{path}: {error}") from error
 
 
+def header_names(path: Path, text: str, separator: str) -> list[str]:
+    """The header's column names; IngestError for repeated names, a line of another width than
+    the header (which pandas would read as shifted columns or an index) or text that is no CSV."""
+    try:
+        return _header(path, text, separator)
+    except csv.Error as error:
+        raise IngestError(f"{path}: not a CSV file ({error})") from error
+
+
 def _header(path: Path, text: str, separator: str) -> list[str]:
-    """The header's column names; IngestError for repeated names or a line of another width."""
     rows = csv.reader(io.StringIO(text), delimiter=separator)
     names = next(rows)
     if len(names) == 1 and (other := next((s for s in "\t|" if s in names[0]), None)):
@@ -261,7 +272,8 @@ def _header(path: Path, text: str, separator: str) -> list[str]:
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
-    """Decimal columns become float64, as every other number does in the warehouse."""
+    """Decimal columns become float64, as every other number does in the warehouse; columns
+    pandas stored as a named index (``df.set_index("time").to_parquet()``) are columns again."""
     try:
         table = pq.read_table(path)
         for i, field in enumerate(table.schema):
@@ -269,7 +281,11 @@ def _read_parquet(path: Path) -> pd.DataFrame:
                 table = table.set_column(i, field.name, table.column(i).cast(pa.float64()))
     except (pa.ArrowInvalid, OSError) as error:
         raise IngestError(f"{path}: not a readable Parquet file ({error})") from error
-    return table.to_pandas()
+    frame = table.to_pandas()
+    if isinstance(frame.index, pd.RangeIndex):
+        return frame
+    named = [n for n in frame.index.names if n is not None and n not in frame.columns]
+    return (frame.reset_index(named) if named else frame).reset_index(drop=True)
 
 
 def to_wide(frame: pd.DataFrame, contract: Contract, *, source: str) -> pd.DataFrame:

@@ -22,7 +22,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data_contracts import Contract
-from data_contracts.gx_suite import EXAMPLES, Outcome, build_suite, run_suite
+from data_contracts.gx_suite import EXAMPLES, LABEL_VALUES, Outcome, build_suite, run_suite
 from tasks.data_docs import validation_docs
 from tasks.errors import DataContractError
 
@@ -30,10 +30,11 @@ if TYPE_CHECKING:
     from great_expectations.core import ExpectationSuiteValidationResult
 
 TYPE_RULE = "expect_column_values_to_be_in_type_list"
+LABEL_RULE = "expect_column_values_to_be_in_set"  # the label's 0/1 rule
 _VALUE_RULES = {
     "expect_column_values_to_not_be_null": "null or NaN values",
     "expect_column_values_to_be_between": "values outside [{min_value}, {max_value}]",
-    "expect_column_values_to_be_in_set": "values not in {value_set}",
+    LABEL_RULE: "values not in {value_set}",
 }
 
 
@@ -169,6 +170,8 @@ def _gx_failure(outcome: Outcome, data: pd.DataFrame, skip: set[str]) -> RuleFai
         return RuleFailure(rule, None, len(extra), what) if extra else None
     if rule == TYPE_RULE and column is not None:
         return _type_failure(column, data)
+    if rule == LABEL_RULE and not pd.api.types.is_numeric_dtype(data["label"]):
+        return _text_label_failure(data)
     what = _VALUE_RULES.get(rule, "unexpected values").format(**outcome.kwargs)
     rows = result.get("partial_unexpected_index_list") or []
     count = int(result.get("unexpected_count", 0))
@@ -186,6 +189,20 @@ def _type_failure(column: str, data: pd.DataFrame) -> RuleFailure:
     expected = "naive datetimes" if column == "ts" else "float or int"
     what = f"values in a column of dtype {values.dtype}, expected {expected}"
     return _failure(TYPE_RULE, data, offending, what, column)
+
+
+def _text_label_failure(data: pd.DataFrame) -> RuleFailure:
+    """Labels read as text (a CSV with a word among them): the values that are not 0 or 1 as
+    numbers, not every label; every label when all of them are (numbers stored as text)."""
+    values = data["label"]
+    present = values.notna().to_numpy(bool)
+    numbers = pd.to_numeric(values.astype(object), errors="coerce")
+    offending = present & ~numbers.isin(LABEL_VALUES).to_numpy(bool)
+    if offending.any():
+        what = f"values other than 0, 1 and blank (dtype {values.dtype})"
+    else:
+        offending, what = present, f"labels stored as text (dtype {values.dtype}), not numbers"
+    return _failure(LABEL_RULE, data, offending, what, "label")
 
 
 def _finite_failures(data: pd.DataFrame, contract: Contract) -> list[RuleFailure]:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.errors import IngestError
-from tasks.ingest import read_text
+from tasks.ingest import header_names, read_text
 
 ORIGIN = datetime(2020, 1, 1)  # naive UTC start of series that carry no timestamps
 
@@ -26,10 +26,13 @@ class SourceLoad:
     notes: list[str] = field(default_factory=list)
 
 
-def read_csv_text(path: Path, **options: object) -> pd.DataFrame:
-    """A CSV file read from its checked text; pandas errors become IngestError naming the file."""
+def read_csv_text(path: Path, text: str | None = None, **options: object) -> pd.DataFrame:
+    """A CSV file (or ``text`` read from it) whose lines all have the header's width;
+    pandas errors become IngestError naming the file."""
+    text = read_text(path) if text is None else text
+    header_names(path, text, str(options.get("sep", ",")))
     try:
-        return pd.read_csv(io.StringIO(read_text(path)), **options)  # type: ignore[arg-type]
+        return pd.read_csv(io.StringIO(text), **options)  # type: ignore[arg-type]
     except ValueError as error:
         raise IngestError(f"{path}: {error}") from error
 
@@ -48,6 +51,36 @@ def numeric_columns(frame: pd.DataFrame, columns: list[str], path: Path) -> pd.D
             )
         out[column] = values.astype("float64")
     return out
+
+
+def iso_timestamps(frame: pd.DataFrame, column: str, path: Path) -> pd.Series:
+    """``column`` (ISO 8601 text, one time zone) as datetime64[us]; IngestError with the first
+    offending line and value otherwise (blank, not ISO 8601, or offsets that differ)."""
+    values = frame[column]
+    try:
+        parsed = pd.to_datetime(values, format="ISO8601", errors="coerce")
+    except ValueError:  # offsets beside none, or several offsets
+        offsets = values.map(_utc_offset)
+        row = int(np.argmax((offsets != offsets.iat[0]).to_numpy(bool)))
+        raise IngestError(
+            f"{path}: column {column!r}, data row {row + 1} has another UTC offset than data "
+            f"row 1: {values.iat[row]!r} after {values.iat[0]!r}"
+        ) from None
+    bad = parsed.isna().to_numpy()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise IngestError(
+            f"{path}: column {column!r}, data row {row + 1} is not an ISO 8601 timestamp: "
+            f"{values.iat[row]!r} ({int(bad.sum())} such values)"
+        )
+    return parsed.dt.as_unit("us")
+
+
+def _utc_offset(value: object) -> str:
+    try:
+        return str(pd.Timestamp(value).utcoffset())  # type: ignore[arg-type]
+    except (ValueError, TypeError):
+        return "unreadable"
 
 
 def synthetic_ts(rows: int, cadence_seconds: int) -> pd.DatetimeIndex:

@@ -10,7 +10,14 @@ import pandas as pd
 
 from tasks.errors import IngestError
 from tasks.ingest import read_text
-from tasks.loaders.common import SourceLoad, concat, labels, numeric_columns, read_csv_text
+from tasks.loaders.common import (
+    SourceLoad,
+    concat,
+    iso_timestamps,
+    labels,
+    numeric_columns,
+    read_csv_text,
+)
 
 PROBATION = 0.15  # NAB's probationary period: the first 15 % of each file is not scored
 
@@ -45,10 +52,8 @@ def _read_series(
             f"{path}: expected columns ['timestamp', 'value'], got {list(raw.columns)}"
         )
     frame = numeric_columns(raw, ["value"], path)
-    try:
-        frame["ts"] = pd.to_datetime(frame.pop("timestamp"), format="ISO8601").dt.as_unit("us")
-    except ValueError as error:
-        raise IngestError(f"{path}: column 'timestamp': {error}") from error
+    frame["ts"] = iso_timestamps(frame, "timestamp", path)
+    frame = frame.drop(columns="timestamp")
     keep = _advancing(frame)
     if not keep.all():
         notes.append(f"{key}: dropped {int((~keep).sum())} rows whose timestamp does not advance")

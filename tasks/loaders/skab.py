@@ -8,7 +8,14 @@ from pathlib import Path
 import pandas as pd
 
 from tasks.errors import IngestError
-from tasks.loaders.common import SourceLoad, concat, labels, numeric_columns, read_csv_text
+from tasks.loaders.common import (
+    SourceLoad,
+    concat,
+    iso_timestamps,
+    labels,
+    numeric_columns,
+    read_csv_text,
+)
 
 SENSORS = {
     "Accelerometer1RMS": "accelerometer1rms",
@@ -31,10 +38,7 @@ def _read_run(
     if sorted(raw.columns) != sorted(expected):
         raise IngestError(f"{path}: expected columns {expected}, got {list(raw.columns)}")
     frame = numeric_columns(raw, [*SENSORS, *(["anomaly"] if labelled else [])], path)
-    try:
-        ts = pd.to_datetime(frame["datetime"], format="ISO8601").dt.as_unit("us")
-    except ValueError as error:
-        raise IngestError(f"{path}: column 'datetime': {error}") from error
+    ts = iso_timestamps(frame, "datetime", path)
     out = frame[list(SENSORS)].rename(columns=SENSORS)
     out.insert(0, "entity", pd.Series(entity, index=out.index, dtype="str"))
     out.insert(1, "ts", ts)

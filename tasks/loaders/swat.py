@@ -3,7 +3,6 @@ column ``Normal/Attack``; files named ``*normal*`` hold the normal run (the trai
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +10,7 @@ import pandas as pd
 from tasks.contract_infer import sensor_identifier
 from tasks.errors import IngestError
 from tasks.ingest import read_text
-from tasks.loaders.common import SourceLoad, concat, labels
+from tasks.loaders.common import SourceLoad, concat, labels, read_csv_text
 
 LABEL = "normal/attack"
 ENTITY = "swat"
@@ -24,12 +23,8 @@ def _table(path: Path) -> pd.DataFrame:
     header = next((i for i, line in enumerate(lines[:5]) if LABEL in line.lower()), None)
     if header is None:
         raise IngestError(f"{path}: no 'Normal/Attack' column in the first 5 lines")
-    try:
-        return pd.read_csv(
-            io.StringIO("\n".join(lines[header:])), dtype="str", skipinitialspace=True
-        )
-    except ValueError as error:
-        raise IngestError(f"{path}: {error}") from error
+    table = "\n".join(lines[header:])
+    return read_csv_text(path, table, dtype="str", skipinitialspace=True)
 
 
 def _timestamps(text: pd.Series, path: Path) -> pd.Series:

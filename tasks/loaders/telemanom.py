@@ -61,6 +61,12 @@ def _label_rows(root: Path) -> pd.DataFrame:
     missing = [c for c in LABEL_COLUMNS if c not in table.columns]
     if missing:
         raise IngestError(f"{path}: missing columns {missing}")
+    blank = table["chan_id"].isna().to_numpy()
+    if blank.any():
+        rows = ", ".join(str(i + 1) for i in np.flatnonzero(blank)[:5])
+        raise IngestError(
+            f"{path}: chan_id is blank on {int(blank.sum())} rows; e.g. data row {rows}"
+        )
     return table
 
 
@@ -69,7 +75,7 @@ def _channel(root: Path, row: pd.Series, sensors: list[str], cadence: int) -> pd
     train = _array(root / "train" / f"{chan}.npy", len(sensors))
     test = _array(root / "test" / f"{chan}.npy", len(sensors))
     where = f"{root / LABEL_FILE} row {chan!r}"
-    if int(row["num_values"]) != len(test):
+    if pd.to_numeric(row["num_values"], errors="coerce") != len(test):  # NaN: never equal
         raise IngestError(
             f"{where}: num_values {row['num_values']} but test/{chan}.npy has {len(test)} rows"
         )

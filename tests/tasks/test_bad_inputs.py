@@ -100,6 +100,13 @@ def test_malformed_csv_is_refused_naming_the_file_and_line(
     assert str(path) in str(raised.value)
 
 
+def test_utf16_text_is_refused_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_text("entity,ts,m01\na,2024-01-01,1\n", encoding="utf-16")
+    with pytest.raises(IngestError, match=f"{path}: UTF-16 text; save it as UTF-8"):
+        read_table(path, load_contract("smd"))
+
+
 def test_blank_lines_are_not_rows(tmp_path: Path) -> None:
     path = tmp_path / "ok.csv"
     path.write_text("entity,ts,m01\n\na,2024-01-01,1\n\n")
@@ -135,6 +142,32 @@ def test_parquet_decimal_and_nullable_integer_sensors_become_floats(
     contract = load_contract(plant)
     readings = coerce_readings(read_table(path, contract), contract, source=str(path))
     assert readings["flow"].dtype == np.float64 and np.isnan(readings["flow"].iat[3])
+
+
+@pytest.mark.parametrize("index", [["time"], ["machine", "time"]])
+def test_parquet_columns_stored_as_a_pandas_index_are_read_as_columns(
+    tmp_path: Path, sqlite_url: str, plant: str, index: list[str]
+) -> None:
+    frame = _frame().assign(time=lambda f: pd.to_datetime(f["time"]))
+    path = tmp_path / "indexed.parquet"
+    frame.set_index(index).to_parquet(path)
+    assert ingest_table(sqlite_url, path, plant).rows_new == 2 * ROWS
+    contract, _ = infer_contract(path, name="draft")
+    assert (contract.entity_column, contract.timestamp_column) == ("machine", "time")
+
+
+def test_a_word_among_labels_is_named_not_every_label(
+    tmp_path: Path, sqlite_url: str, plant: str
+) -> None:
+    frame = _frame()
+    frame["label"] = frame["label"].astype(object)
+    frame.loc[150, "label"] = "yes"
+    with pytest.raises(DataContractError, match="values other than 0, 1 and blank") as raised:
+        ingest_table(sqlite_url, _csv(tmp_path / "words.csv", frame), plant)
+    assert "[label]: values other than 0, 1 and blank (dtype str): 1; e.g. ('pump-b', " in str(
+        raised.value
+    ) and "'yes')" in str(raised.value)
+    assert _rows(sqlite_url) == 0
 
 
 def test_timestamps_are_checked_as_stored_in_whole_microseconds(

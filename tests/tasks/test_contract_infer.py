@@ -224,3 +224,30 @@ def test_registered_contract_is_found_by_name(
         load_contract("units")
     assert register_contract(source) == tmp_path / "home" / "contracts" / "units.yaml"
     assert load_contract("units") == contract
+
+
+@pytest.mark.parametrize(
+    ("observed", "bounds"),
+    [
+        ((101315.0, 101335.0), (101300.0, 101400.0)),  # air pressure in Pa: a small span
+        ((-5.123, -5.0), (-5.185, -4.938)),
+        ((9.0, 11.0), (8.0, 12.0)),
+        ((-1e-5, 1e-5), (-2e-5, 2e-5)),
+    ],
+)
+def test_drafted_bounds_are_rounded_outwards_around_the_margin(
+    tmp_path: Path, observed: tuple[float, float], bounds: tuple[float, float]
+) -> None:
+    values = np.linspace(*observed, 120)
+    path = tmp_path / "pressure.csv"
+    pd.DataFrame(
+        {
+            "unit": "u1",
+            "stamp": pd.date_range("2024-01-01", periods=120, freq="min").astype(str),
+            "p": values,
+        }
+    ).to_csv(path, index=False)
+    (sensor,) = infer_contract(path, name="air")[0].sensors
+    margin = (observed[1] - observed[0]) / 2
+    assert (sensor.min, sensor.max) == bounds
+    assert sensor.min <= observed[0] - margin and sensor.max >= observed[1] + margin

@@ -319,3 +319,94 @@ def test_swat_unknown_label_names_the_file(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace(",Normal\n", ",Maybe\n", 1))
     with pytest.raises(IngestError, match="SWaT_Dataset_Attack_v0.csv: labels other than"):
         read_swat(tmp_path)
+
+
+def _edit_line(path: Path, line: int, edit) -> None:
+    lines = path.read_text().splitlines()
+    lines[line - 1] = edit(lines[line - 1])
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "message"),
+    [
+        (
+            "nab",
+            lambda root: (root / "labels" / "combined_windows.json").unlink(),
+            r"labels/combined_windows.json: cannot be read \(No such file",
+        ),
+        (
+            "smap",
+            lambda root: (root / "labeled_anomalies.csv").unlink(),
+            r"labeled_anomalies.csv: cannot be read \(No such file",
+        ),
+        (
+            "psm",
+            lambda root: (root / "train.csv").write_text("timestamp_(min),feature_0\n"),
+            "train.csv: no data rows",
+        ),
+        (
+            "smap",  # a first data row one field longer: pandas would read it as an index
+            lambda root: _edit_line(root / "labeled_anomalies.csv", 2, lambda s: f"x,{s}"),
+            "labeled_anomalies.csv: lines without the header's 5 fields: 1; e.g. line 2: 6",
+        ),
+        (
+            "smap",
+            lambda root: _edit_line(
+                root / "labeled_anomalies.csv", 2, lambda s: s.rsplit(",", 1)[0] + ",1l0"
+            ),
+            "row 'P-1': num_values 1l0 but test/P-1.npy has 110 rows",
+        ),
+        (
+            "smap",
+            lambda root: _edit_line(root / "labeled_anomalies.csv", 2, lambda s: s[3:]),
+            "labeled_anomalies.csv: chan_id is blank on 1 rows; e.g. data row 1",
+        ),
+        (
+            "swat",  # a cut-off last line, not 'labels other than Normal/Attack'
+            lambda root: _edit_line(root / "SWaT_Dataset_Attack_v0.csv", 12, lambda s: s[:30]),
+            r"SWaT_Dataset_Attack_v0.csv: lines without the header's 53 fields: 1; e.g. line 12",
+        ),
+        (
+            "nab",
+            lambda root: _edit_line(
+                root / "data" / "realX" / "a.csv", 6, lambda s: "01/04/2014 00:20," + s[20:]
+            ),
+            r"a.csv: column 'timestamp', data row 5 is not an ISO 8601 timestamp: '01/04/2014",
+        ),
+        (
+            "nab",
+            lambda root: _edit_line(
+                root / "data" / "realX" / "a.csv", 6, lambda s: s.replace(",", "+02:00,")
+            ),
+            r"a.csv: column 'timestamp', data row 5 has another UTC offset than data row 1",
+        ),
+        (
+            "skab",
+            lambda root: _edit_line(
+                root / "data" / "valve1" / "0.csv", 4, lambda s: ";" + s.split(";", 1)[1]
+            ),
+            r"0.csv: column 'datetime', data row 3 is not an ISO 8601 timestamp: nan",
+        ),
+    ],
+    ids=[
+        "nab windows file missing",
+        "telemanom label file missing",
+        "psm header only",
+        "telemanom ragged label row",
+        "telemanom num_values not a number",
+        "telemanom blank chan_id",
+        "swat short row",
+        "nab day-first timestamp",
+        "nab offset beside none",
+        "skab blank timestamp",
+    ],
+)
+def test_a_broken_layout_is_an_ingest_error_naming_the_file(
+    tmp_path: Path, kind: str, change, message: str
+) -> None:
+    LAYOUT_WRITERS[kind](tmp_path)
+    change(tmp_path)
+    with pytest.raises(IngestError, match=message) as raised:
+        LOADERS[kind](tmp_path)
+    assert str(tmp_path) in str(raised.value) and "\n" not in str(raised.value)
