@@ -174,7 +174,10 @@ def infer_contract(
         sensor_column=sensor_column,
         value_column=value_column,
     )
-    columns = detect_columns(frame, given, why)
+    absent = {key: column for key, column in given.items() if column not in (None, *frame.columns)}
+    if absent:
+        raise IngestError(f"{path}: no such column(s) {absent}; the file has {list(frame.columns)}")
+    columns = detect_columns(frame, given, why, path)
     name_keys = ("entity_column", "timestamp_column", "sensor_column")
     name_columns = tuple(columns.get(k) for k in name_keys)
     if name_columns != (entity_column, timestamp_column, sensor_column):  # as written: "NA", "007"

@@ -130,7 +130,7 @@ def refuse_bad_columns(frame: pd.DataFrame, columns: dict[str, Any], path: Path)
 
 
 def detect_columns(
-    frame: pd.DataFrame, given: dict[str, str | None], why: list[str]
+    frame: pd.DataFrame, given: dict[str, str | None], why: list[str], path: Path
 ) -> dict[str, str | None]:
     """Timestamp, label, entity and (long layout) sensor/value columns, given or detected."""
     found = dict(given)
@@ -156,12 +156,12 @@ def detect_columns(
         named = [c for c in frame.columns if str(c).strip().lower() in TIMESTAMP_NAMES]
         shown = f" ({named[0]!r} holds e.g. {frame[named[0]].iloc[0]!r})" if named else ""
         raise IngestError(
-            f"no timestamp column found among {list(frame.columns)}{shown}; name it "
+            f"{path}: no timestamp column found among {list(frame.columns)}{shown}; name it "
             "explicitly (its values must be ISO 8601, e.g. 2024-01-31T13:05:00)"
         )
     if found["entity_column"] is None:
         raise IngestError(
-            f"no entity column found among {list(frame.columns)}; name it "
+            f"{path}: no entity column found among {list(frame.columns)}; name it "
             "explicitly, or add a text column naming the series of each row"
         )
     taken = {v for v in found.values() if v is not None}
@@ -180,6 +180,11 @@ def detect_columns(
         why.append(
             f"layout: long, because (entity, ts) repeat once per sensor: sensor names in "
             f"{found['sensor_column']!r}, values in {found['value_column']!r}"
+        )
+    elif found.get("value_column") is not None:
+        raise IngestError(
+            f"{path}: value column {found['value_column']!r} given, but no column naming the "
+            "sensor of each row was found; name it too (sensor column), or neither (wide file)"
         )
     return found
 

@@ -251,3 +251,21 @@ def test_drafted_bounds_are_rounded_outwards_around_the_margin(
     margin = (observed[1] - observed[0]) / 2
     assert (sensor.min, sensor.max) == bounds
     assert sensor.min <= observed[0] - margin and sensor.max >= observed[1] + margin
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"entity_column": "machine"}, r"no such column\(s\) \{'entity_column': 'machine'\}"),
+        ({"label_column": "anomaly"}, r"no such column\(s\) \{'label_column': 'anomaly'\}"),
+        ({"value_column": "rpm"}, "value column 'rpm' given, but no column naming the sensor"),
+    ],
+)
+def test_columns_given_that_the_file_lacks_or_cannot_use_are_refused(
+    tmp_path: Path, given: dict[str, str], message: str
+) -> None:
+    path = tmp_path / "units.csv"
+    _wide().to_csv(path, index=False)
+    with pytest.raises(IngestError, match=message) as raised:
+        infer_contract(path, name="units", **given)
+    assert str(raised.value).startswith(f"{path}: ")
