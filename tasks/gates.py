@@ -52,11 +52,10 @@ class GateDecision:
         return f"{'champion' if self.promoted else 'kept out'}: {self.reason}"
 
 
-def _test_metric(metrics: dict[str, float], name: str, who: str) -> float:
+def _test_metric(metrics: dict[str, float], name: str) -> float:
+    """``test_<name>`` of a run; NaN where it logged none (never evaluated on labelled rows)."""
     value = metrics.get(f"test_{name}")
-    if value is None or math.isnan(value):
-        raise ValueError(f"{who} run has no metric test_{name}; metrics: {sorted(metrics)[:8]}")
-    return float(value)
+    return math.nan if value is None else float(value)
 
 
 def decide(
@@ -73,30 +72,24 @@ def decide(
 
     A challenger evaluated on no labelled data (no ``test_*`` metrics) is promoted only when
     there is no champion yet, so that a first model can serve; the reason says it was unchecked.
+    A champion that was never evaluated so has no score to beat: the budget alone decides.
     """
-    if f"test_{FALSE_ALARM_METRIC}" not in challenger and not leaks_test_data:
+    value = _test_metric(challenger, metric)
+    rate = _test_metric(challenger, FALSE_ALARM_METRIC)
+    best = None if champion is None else _test_metric(champion, metric)
+    if best is not None and math.isnan(best):
+        best = None
+    if leaks_test_data:
+        passed, reason = False, "calibrated with the leaky 'reference' method (it reads test data)"
+    elif math.isnan(rate):
         passed = champion is None
         reason = "no labelled evaluation range: " + (
             "first model promoted unchecked" if passed else "nothing to compare with the champion"
         )
-        nan = math.nan
-        return GateDecision(
-            passed,
-            False,
-            reason,
-            metric,
-            nan,
-            None,
-            champion_version,
-            margin,
-            nan,
-            false_alarm_budget,
+    elif math.isnan(value):
+        raise ValueError(
+            f"challenger run has no metric test_{metric}; metrics: {sorted(challenger)[:8]}"
         )
-    value = _test_metric(challenger, metric, "challenger")
-    rate = _test_metric(challenger, FALSE_ALARM_METRIC, "challenger")
-    best = None if champion is None else _test_metric(champion, metric, "champion")
-    if leaks_test_data:
-        passed, reason = False, "calibrated with the leaky 'reference' method (it reads test data)"
     elif rate > false_alarm_budget:
         passed, reason = (
             False,
@@ -108,11 +101,12 @@ def decide(
             f"{metric} {value:.4g} does not beat champion's {best:.4g} + margin {margin:.4g}",
         )
     else:
-        versus = (
-            "no champion yet"
-            if best is None
-            else f"beats champion's {best:.4g} + margin {margin:.4g}"
-        )
+        if champion is None:
+            versus = "no champion yet"
+        elif best is None:
+            versus = f"the champion has no test_{metric} (never evaluated)"
+        else:
+            versus = f"beats champion's {best:.4g} + margin {margin:.4g}"
         passed, reason = (
             True,
             f"{metric} {value:.4g} {versus}; false-alarm rate {rate:.4g} within budget",

@@ -136,3 +136,26 @@ def test_unevaluated_challenger_is_promoted_only_without_a_champion() -> None:
     assert first.promoted and "promoted unchecked" in first.reason
     later = decide({"threshold": 1.0}, _metrics(0.4, 0.0), **kwargs)
     assert not later.promoted and "nothing to compare" in later.reason
+
+
+def test_never_evaluated_champion_leaves_the_budget_to_decide() -> None:
+    """A champion promoted unchecked (trained before any label) logged no test metrics: an
+    evaluated challenger is then judged on its budget alone, not refused with an error."""
+    kwargs = {"metric": "vus_pr", "margin": 0.0, "false_alarm_budget": 0.01}
+    unchecked = {"threshold": 1.0}
+    good = decide(_metrics(0.4, 0.004), unchecked, leaks_test_data=False, **kwargs)
+    assert good.promoted and "never evaluated" in good.reason and good.champion_value is None
+    noisy = decide(_metrics(0.4, 0.05), unchecked, leaks_test_data=False, **kwargs)
+    assert not noisy.promoted and "over the budget" in noisy.reason
+
+
+def test_leaky_challenger_without_labelled_range_is_refused() -> None:
+    decision = decide(
+        {"threshold": 1.0},
+        None,
+        metric="vus_pr",
+        margin=0.0,
+        false_alarm_budget=0.01,
+        leaks_test_data=True,
+    )
+    assert not decision.promoted and "leaky" in decision.reason
