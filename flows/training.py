@@ -49,9 +49,14 @@ def training_flow(params: TrainFlowParams = TrainFlowParams()) -> TrainingSummar
         **params.calibration.model_dump(),
         warehouse_url=settings.warehouse_url,
         contract=contract,
+        train_end=params.train_end,
     )
     evaluation = evaluate_model_task(
-        settings.warehouse_url, contract, calibration.checkpoint, run_dir / "plots"
+        settings.warehouse_url,
+        contract,
+        calibration.checkpoint,
+        run_dir / "plots",
+        train_end=params.train_end,
     )
     summary = publish_task(
         settings,

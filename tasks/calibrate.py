@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -93,13 +94,19 @@ def training_range_scores(checkpoint: ScoringModel, dataset: DatasetRef) -> dict
 
 
 def labelled_range_scores(
-    checkpoint: ScoringModel, warehouse_url: str, contract: Contract, entities: list[str]
+    checkpoint: ScoringModel,
+    warehouse_url: str,
+    contract: Contract,
+    entities: list[str],
+    train_end: datetime | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per entity, scores of its labelled rows: TEST DATA, read only by the leaky reference."""
+    """Per entity, scores of its labelled rows (from ``train_end`` on): TEST DATA, read only by
+    the leaky reference."""
     engine = get_engine(warehouse_url)
     scores = {}
     for entity in entities:
-        scored = labelled_scores(read_readings(engine, contract, entity=entity), checkpoint, entity)
+        frame = read_readings(engine, contract, entity=entity)
+        scored = labelled_scores(frame, checkpoint, entity, train_end)
         scores[entity] = np.empty(0) if scored is None else scored["score"].to_numpy()
     return scores
 
@@ -162,11 +169,13 @@ def calibrate(
     scope: CalibrationScope = "global",
     warehouse_url: str | None = None,
     contract: Contract | None = None,
+    train_end: datetime | None = None,
 ) -> Calibration:
     """Threshold(s) at false-alarm rate ``alpha``; only ``reference`` reads (and leaks) test data.
 
-    ``reference`` needs ``warehouse_url`` and ``contract`` to read the labelled range; its
-    percentile is ``100 (1 - alpha)`` over the training-range and test scores.
+    ``reference`` needs ``warehouse_url`` and ``contract`` to read the labelled range (from
+    ``train_end`` on, where the training range ended there); its percentile is
+    ``100 (1 - alpha)`` over the training-range and test scores.
     """
     checkpoint = load_scoring_model(checkpoint_path, device="auto")
     val = validation_scores(checkpoint, dataset)
@@ -178,7 +187,9 @@ def calibrate(
             )
         log.warning("%s: %s", dataset.source, LEAK_WARNING)
         held_out = training_range_scores(checkpoint, dataset)
-        test = labelled_range_scores(checkpoint, warehouse_url, contract, dataset.entities)
+        test = labelled_range_scores(
+            checkpoint, warehouse_url, contract, dataset.entities, train_end
+        )
     threshold, per_entity = fit_thresholds(method, alpha, held_out, test, scope, dataset.source)
     pooled = _pooled(val)
     extras = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +47,14 @@ def _mean(per_entity: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def labelled_scores(
-    frame: pd.DataFrame, checkpoint: ScoringModel, entity: str
+    frame: pd.DataFrame, checkpoint: ScoringModel, entity: str, train_end: datetime | None = None
 ) -> pd.DataFrame | None:
-    """Scores, labels and timestamps of an entity's labelled rows (context read from before)."""
-    labelled = frame["label"].notna().to_numpy()
+    """Scores, labels and timestamps of an entity's labelled rows (context read from before);
+    with ``train_end``, only those from it on: the labelled rows before it were trained on."""
+    tested = frame["label"].notna()
+    if train_end is not None:
+        tested &= frame["ts"] >= pd.Timestamp(train_end)
+    labelled = tested.to_numpy()
     if not labelled.any():
         return None
     first = int(np.argmax(labelled))
@@ -62,9 +67,14 @@ def labelled_scores(
 
 
 def evaluate_model(
-    warehouse_url: str, contract: Contract, checkpoint_path: Path, out_dir: Path
+    warehouse_url: str,
+    contract: Contract,
+    checkpoint_path: Path,
+    out_dir: Path,
+    train_end: datetime | None = None,
 ) -> Evaluation:
-    """Score each entity's labelled rows; metrics per entity, their unweighted mean, the control."""
+    """Score each entity's labelled rows (from ``train_end`` on when the training range ended
+    there); metrics per entity, their unweighted mean, the control."""
     checkpoint = load_scoring_model(checkpoint_path, device="auto")
     alpha = float(checkpoint.extras["calibration"]["alpha"])
     engine = get_engine(warehouse_url)
@@ -72,7 +82,8 @@ def evaluate_model(
     control: dict[str, dict[str, float]] = {}
     figures = []
     for entity in sorted(checkpoint.extras["scalers"]):
-        scored = labelled_scores(read_readings(engine, contract, entity=entity), checkpoint, entity)
+        frame = read_readings(engine, contract, entity=entity)
+        scored = labelled_scores(frame, checkpoint, entity, train_end)
         if scored is None or scored["label"].nunique() < 2:
             continue
         labels = scored["label"].to_numpy(np.int64)

@@ -12,6 +12,7 @@ import torch
 from data_contracts import Contract, load_contract
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
+from model.metrics import evaluate_scores
 from model.network import AnomalyTransformer
 from model.thresholds import (
     conformal_threshold,
@@ -22,6 +23,7 @@ from model.thresholds import (
 from tasks.alarm_rule import alarm_rule
 from tasks.calibrate import calibrate, fit_thresholds, labelled_range_scores, training_range_scores
 from tasks.errors import DataContractError
+from tasks.evaluate import evaluate_model
 from tasks.registry import LoadedModel
 from tasks.scoring import score_rows
 from tasks.warehouse import ensure_schema, get_engine, read_readings, upsert_readings
@@ -173,3 +175,21 @@ def test_scores_use_the_entity_rule_when_calibrated_per_entity(setup, tmp_path: 
         assert (rows["is_anomaly"] == (rows["score"] > own)).all()
         null = np.asarray(checkpoint.extras["entity_calibration_scores"][entity])
         np.testing.assert_allclose(rows["p_value"], p_values(null, rows["score"].to_numpy()))
+
+
+def test_labelled_rows_before_train_end_are_not_test_data(setup, tmp_path: Path) -> None:
+    """With ``train_end`` inside the labelled range (a file labelled throughout), the rows before
+    it were trained on: evaluation and the reference's test scores start at ``train_end``."""
+    url, contract, dataset, trained = setup
+    train_end = pd.Timestamp("2020-01-01") + pd.Timedelta(minutes=TRAIN_ROWS + 50)
+    checkpoint = load_checkpoint(trained)
+    full = labelled_range_scores(checkpoint, url, contract, ["a"])["a"]
+    test = labelled_range_scores(checkpoint, url, contract, ["a"], train_end)["a"]
+    np.testing.assert_allclose(test, full[50:], rtol=1e-5)
+    calibrated = calibrate(trained, dataset, tmp_path / "m.ckpt", alpha=0.02)
+    evaluation = evaluate_model(
+        url, contract, calibrated.checkpoint, tmp_path / "plots", train_end=train_end
+    )
+    labels = np.array([0] * (TEST_ROWS - 60) + [1] * 10)
+    expected = evaluate_scores(labels, test, calibrated.threshold)
+    assert evaluation.per_entity["a"] == pytest.approx(expected)
