@@ -59,7 +59,7 @@ class Standardised:
     def _fit_rows(self, train: ArrayLike) -> NDArray[np.float64]:
         """Fit the scaler on ``train`` and return the standardised training rows."""
         rows = as_matrix(train, "train")
-        self.scaler = Scaler.fit(rows)
+        self.scaler = Scaler.fit(rows, unit=1.0)
         return (rows - self.scaler.mean) / self.scaler.scale
 
     def _standardise(self, values: ArrayLike) -> NDArray[np.float64]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-# A column whose standard deviation is below this share of its magnitude counts as constant.
+# A column whose standard deviation is at most this share of its magnitude counts as constant.
 CONSTANT_TOLERANCE = 1e-10
 
 
@@ -38,9 +38,14 @@ class Scaler:
     scale: np.ndarray  # (C,)
 
     @classmethod
-    def fit(cls, values: np.ndarray, *, missing_ok: bool = False) -> Scaler:
+    def fit(cls, values: np.ndarray, *, missing_ok: bool = False, unit: float = 0.0) -> Scaler:
         """Statistics of ``values`` `(T, C)` (population standard deviation, as sklearn's);
-        with ``missing_ok``, of the observed values of each channel."""
+        with ``missing_ok``, of the observed values of each channel.
+
+        A channel is constant when its deviation is at most ``CONSTANT_TOLERANCE`` x
+        ``max(|mean|, unit)``: ``unit`` 0 for raw readings, whose units are arbitrary (1e-10 +-
+        1e-11 varies), 1 for inputs already standardised (their rounding noise is no signal).
+        """
         array = _as_matrix(values, "values", missing_ok=missing_ok)
         observed = (~np.isnan(array)).sum(axis=0)
         if not observed.all():
@@ -48,7 +53,7 @@ class Scaler:
             raise ValueError(f"invalid values: channel(s) {empty} hold no observed value")
         mean = np.nanmean(array, axis=0)
         std = np.nanstd(array, axis=0)
-        constant = std <= CONSTANT_TOLERANCE * np.maximum(np.abs(mean), 1.0)
+        constant = std <= CONSTANT_TOLERANCE * np.maximum(np.abs(mean), unit)
         return cls(mean=mean, scale=np.where(constant, 1.0, std))
 
     @property

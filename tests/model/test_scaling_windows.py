@@ -21,6 +21,17 @@ def test_scaler_standardises_and_keeps_constant_channels_finite() -> None:
     assert scaler.scale[1] == 1.0
 
 
+def test_scaler_standardises_sensors_read_in_tiny_units() -> None:
+    """A pressure of 1e-10 +- 1e-11 varies by 10 %: it is no constant channel, whatever its unit."""
+    rng = np.random.default_rng(0)
+    values = np.column_stack([rng.normal(1e-10, 1e-11, 500), rng.normal(0.0, 1e-12, 500)])
+    scaled = Scaler.fit(values).transform(values)
+    np.testing.assert_allclose(scaled.std(axis=0), [1.0, 1.0], atol=1e-5)
+    assert Scaler.fit(np.zeros((5, 1))).scale[0] == 1.0
+    # Already standardised input (the detectors'): rounding noise of a constant sensor stays flat.
+    assert Scaler.fit(np.array([[-5.5e-17], [0.0]]), unit=1.0).scale[0] == 1.0
+
+
 def test_scaler_round_trips_through_a_dict() -> None:
     scaler = Scaler.fit(np.random.default_rng(1).normal(size=(50, 3)))
     restored = Scaler.from_dict(scaler.to_dict())
