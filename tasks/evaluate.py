@@ -23,7 +23,10 @@ from tasks.warehouse import get_engine, read_readings
 @dataclass(frozen=True)
 class Evaluation:
     """Mean metrics over labelled entities, per-entity metrics, the random-score control's mean
-    metrics (same labels, uniform scores, threshold at their 1 - alpha quantile), and the plots."""
+    metrics (same labels, uniform scores, threshold at their 1 - alpha quantile), and the plots.
+
+    An entity whose labelled rows are all normal has only ``fpr_normal`` (its false alarms count
+    against the gate's budget); each mean runs over the entities that have the metric."""
 
     metrics: dict[str, float]
     per_entity: dict[str, dict[str, float]]
@@ -38,12 +41,8 @@ def random_control(labels: np.ndarray, alpha: float) -> dict[str, float]:
 
 
 def _mean(per_entity: dict[str, dict[str, float]]) -> dict[str, float]:
-    if not per_entity:
-        return {}
-    return {
-        key: float(np.mean([m[key] for m in per_entity.values()]))
-        for key in next(iter(per_entity.values()))
-    }
+    keys = dict.fromkeys(key for metrics in per_entity.values() for key in metrics)
+    return {key: float(np.mean([m[key] for m in per_entity.values() if key in m])) for key in keys}
 
 
 def labelled_scores(
@@ -84,12 +83,16 @@ def evaluate_model(
     for entity in sorted(checkpoint.extras["scalers"]):
         frame = read_readings(engine, contract, entity=entity)
         scored = labelled_scores(frame, checkpoint, entity, train_end)
-        if scored is None or scored["label"].nunique() < 2:
+        if scored is None or not (scored["label"] == 0).any():
             continue
         labels = scored["label"].to_numpy(np.int64)
+        scores = scored["score"].to_numpy()
         threshold = alarm_rule(checkpoint.extras, entity).threshold
-        per_entity[entity] = evaluate_scores(labels, scored["score"].to_numpy(), threshold)
-        control[entity] = random_control(labels, alpha)
+        if labels.any():
+            per_entity[entity] = evaluate_scores(labels, scores, threshold)
+            control[entity] = random_control(labels, alpha)
+        else:
+            per_entity[entity] = {"fpr_normal": float(np.mean(scores > threshold))}
         figures.append(
             plot_scores(scored, threshold, entity, out_dir / f"scores-{len(figures):03d}.png")
         )

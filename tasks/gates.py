@@ -72,7 +72,9 @@ def decide(
 
     A challenger evaluated on no labelled data (no ``test_*`` metrics) is promoted only when
     there is no champion yet, so that a first model can serve; the reason says it was unchecked.
-    A champion that was never evaluated so has no score to beat: the budget alone decides.
+    A challenger whose labelled rows hold no anomaly has a false-alarm rate only: the budget
+    applies, and it is promoted only when there is no champion yet. A champion that was never
+    evaluated so has no score to beat: the budget alone decides.
     """
     value = _test_metric(challenger, metric)
     rate = _test_metric(challenger, FALSE_ALARM_METRIC)
@@ -86,14 +88,17 @@ def decide(
         reason = "no labelled evaluation range: " + (
             "first model promoted unchecked" if passed else "nothing to compare with the champion"
         )
-    elif math.isnan(value):
-        raise ValueError(
-            f"challenger run has no metric test_{metric}; metrics: {sorted(challenger)[:8]}"
-        )
     elif rate > false_alarm_budget:
         passed, reason = (
             False,
             f"false-alarm rate {rate:.4g} is over the budget {false_alarm_budget:.4g}",
+        )
+    elif math.isnan(value):
+        passed = champion is None
+        reason = f"no labelled anomaly to measure {metric} on: " + (
+            f"first model promoted on its false-alarm rate {rate:.4g}"
+            if passed
+            else "nothing to compare with the champion"
         )
     elif best is not None and value < best + margin:
         passed, reason = (

@@ -193,3 +193,25 @@ def test_labelled_rows_before_train_end_are_not_test_data(setup, tmp_path: Path)
     labels = np.array([0] * (TEST_ROWS - 60) + [1] * 10)
     expected = evaluate_scores(labels, test, calibrated.threshold)
     assert evaluation.per_entity["a"] == pytest.approx(expected)
+
+
+def test_false_alarms_of_an_entity_labelled_all_normal_count_in_fpr_normal(
+    setup, tmp_path: Path
+) -> None:
+    """An entity whose test range holds no anomaly has no ranking metrics, but its false alarms
+    still belong in ``fpr_normal``: the promotion gate's budget reads it."""
+    _, contract, dataset, trained = setup
+    url = f"sqlite:///{tmp_path / 'normal.db'}"
+    readings = _readings(contract)
+    readings.loc[readings["entity"] == "b", "label"] = readings["label"].where(
+        readings["label"].isna(), 0
+    )
+    ensure_schema(get_engine(url), contract)
+    upsert_readings(get_engine(url), contract, readings)
+    calibrated = calibrate(trained, dataset, tmp_path / "m.ckpt", alpha=0.02)
+    evaluation = evaluate_model(url, contract, calibrated.checkpoint, tmp_path / "plots")
+    assert set(evaluation.per_entity["a"]) > {"fpr_normal", "vus_pr"}
+    assert set(evaluation.per_entity["b"]) == {"fpr_normal"}
+    rates = [evaluation.per_entity[e]["fpr_normal"] for e in ("a", "b")]
+    assert evaluation.metrics["fpr_normal"] == pytest.approx(np.mean(rates))
+    assert evaluation.metrics["vus_pr"] == evaluation.per_entity["a"]["vus_pr"]

@@ -47,16 +47,15 @@ def test_rule(
     assert decision.challenger_value == challenger["test_vus_pr"]
 
 
-def test_missing_metric_is_named() -> None:
-    with pytest.raises(ValueError, match="test_f1"):
-        decide(
-            _metrics(0.5, 0.0),
-            None,
-            metric="f1",
-            margin=0,
-            false_alarm_budget=0.01,
-            leaks_test_data=False,
-        )
+def test_challenger_evaluated_on_normal_rows_only_is_held_to_the_budget() -> None:
+    """Labelled rows without an anomaly give a false-alarm rate but no ranking metric."""
+    kwargs = {"metric": "vus_pr", "margin": 0.0, "false_alarm_budget": 0.01}
+    noisy = decide({"test_fpr_normal": 0.3}, None, leaks_test_data=False, **kwargs)
+    assert not noisy.promoted and "over the budget" in noisy.reason
+    quiet = decide({"test_fpr_normal": 0.004}, None, leaks_test_data=False, **kwargs)
+    assert quiet.promoted and "no labelled anomaly to measure vus_pr" in quiet.reason
+    later = decide({"test_fpr_normal": 0.004}, _metrics(0.4, 0.0), leaks_test_data=False, **kwargs)
+    assert not later.promoted and "nothing to compare" in later.reason
 
 
 @pytest.fixture
