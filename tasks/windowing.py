@@ -122,16 +122,25 @@ def build_dataset(
     Gaps of nullable sensors are filled with the entity's training mean (:meth:`Scaler.impute`),
     as scoring fills them.
 
-    An entity whose training range cannot hold a fit window and a validation window is skipped and
-    named in ``skipped``; if none is left the run fails with a contract error.
+    An entity whose training range is empty (its first row labelled) or cannot hold a fit window
+    and a validation window is skipped and named in ``skipped``; if none is left the run fails
+    with a contract error.
     """
-    frame = training_range(read_readings(get_engine(warehouse_url), contract), contract, train_end)
+    readings = read_readings(get_engine(warehouse_url), contract)
+    frame = training_range(readings, contract, train_end)
+    before = "before train_end" if train_end is not None else "before its first labelled row"
+    skipped = [
+        f"{entity}: no training rows (none {before})"
+        for entity in sorted(set(readings["entity"]) - set(frame["entity"]))
+    ]
+    if frame.empty:
+        raise _too_short(contract, win_size, skipped)
     validate_readings(frame, contract, source=f"{contract.table_name} (training range)", min_rows=1)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     sensors = contract.sensor_names
-    splits, skipped, scalers = [], [], {}
+    splits, scalers = [], {}
     for number, (entity, rows) in enumerate(frame.groupby("entity", sort=True)):
         fit_rows, val_rows = split_entity(len(rows), val_fraction, win_size)
         if fit_rows < win_size:
@@ -147,10 +156,7 @@ def build_dataset(
         first, last = str(rows["ts"].iloc[0]), str(rows["ts"].iloc[-1])
         splits.append(EntitySplit(str(entity), file, fit_rows, val_rows, first, last))
     if not splits:
-        raise DataContractError(
-            f"{contract.table_name}: no entity has enough training rows for one window of "
-            f"{win_size} plus a validation tail; entities: {skipped or 'none'}"
-        )
+        raise _too_short(contract, win_size, skipped)
     for reason in skipped:
         log.warning("skipped entity %s", reason)
     (out_dir / "scalers.json").write_text(json.dumps(scalers))
@@ -161,6 +167,13 @@ def build_dataset(
         )
     )
     return ref
+
+
+def _too_short(contract: Contract, win_size: int, skipped: list[str]) -> DataContractError:
+    return DataContractError(
+        f"{contract.table_name}: no entity has enough training rows for one window of "
+        f"{win_size} plus a validation tail; entities: {skipped or 'none'}"
+    )
 
 
 def _write_entity(
