@@ -112,10 +112,23 @@ def smoothed(contributions: np.ndarray, smoothing: int, skip: int) -> ScoreResul
     return ScoreResult(rows.sum(axis=1), rows)
 
 
-def sensor_error_scales(contributions: np.ndarray) -> np.ndarray:
+def sensor_error_scales(
+    contributions: np.ndarray, observed: np.ndarray | None = None
+) -> np.ndarray:
     """Each sensor's mean error `(C,)` over held-out normal points `(T, C)`: what the
-    ``SENSOR_NORMALISED`` methods divide that sensor's error by."""
-    return np.asarray(contributions, np.float64).mean(axis=0) + SCALE_FLOOR
+    ``SENSOR_NORMALISED`` methods divide that sensor's error by.
+
+    ``observed`` `(T, C)` restricts each sensor's mean to the points where it reported: a filled
+    gap is easy to reconstruct, and would shrink the divisor of a sensor that reports later. A
+    sensor that never reported takes the mean over every point.
+    """
+    errors = np.asarray(contributions, np.float64)
+    every = errors.mean(axis=0)
+    if observed is None:
+        return every + SCALE_FLOOR
+    counts = observed.sum(axis=0)
+    sums = np.where(observed, errors, 0.0).sum(axis=0)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), every) + SCALE_FLOOR
 
 
 def designated_starts(points: torch.Tensor, method: str, n_points: int, win: int) -> torch.Tensor:

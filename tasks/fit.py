@@ -57,23 +57,30 @@ def sensor_scales(
     model: AnomalyTransformer, dataset: DatasetRef, method: str
 ) -> dict[str, list[float]]:
     """Per entity, each sensor's mean error by ``method``'s base on its validation tail (with the
-    fit part as context; on the fit part where there is no tail): the divisors of ``method``."""
+    fit part as context; on the fit part where there is no tail), over the points where the
+    sensor reported: the divisors of ``method``."""
     scales = {}
     for entity in dataset.entities:
         values, skip = dataset.tail_with_context(entity, model.cfg.win_size - 1)
+        fit_observed, observed = dataset.observed(entity)
         if len(values) == skip:  # no tail
-            values = dataset.load(entity)[0]
-        scales[entity] = tail_sensor_scales(model, values, skip, method)
+            values, observed = dataset.load(entity)[0], fit_observed
+        scales[entity] = tail_sensor_scales(model, values, skip, method, observed)
     return scales
 
 
 def tail_sensor_scales(
-    model: AnomalyTransformer, values: np.ndarray, skip: int, method: str
+    model: AnomalyTransformer,
+    values: np.ndarray,
+    skip: int,
+    method: str,
+    observed: np.ndarray | None = None,
 ) -> list[float]:
     """Each sensor's mean error by ``method``'s base over ``values[skip:]`` (``values[:skip]``:
-    context): the divisors of a ``SENSOR_NORMALISED`` method."""
+    context; ``observed`` `(T - skip, C)`: where each sensor reported, when not everywhere): the
+    divisors of a ``SENSOR_NORMALISED`` method."""
     errors = score_series(model, values, SENSOR_NORMALISED[method], skip=skip).contributions
-    return sensor_error_scales(errors).tolist()
+    return sensor_error_scales(errors, observed).tolist()
 
 
 AT = "anomaly_transformer"

@@ -59,13 +59,26 @@ class DatasetRef:
         raw = json.loads((self.root / "scalers.json").read_text())
         return {entity: Scaler.from_dict(d) for entity, d in raw.items()}
 
-    def load(self, entity: str) -> tuple[np.ndarray, np.ndarray]:
-        """Scaled float32 ``(fit, val)`` arrays of one entity."""
+    def _read(self, entity: str) -> tuple[np.ndarray, np.ndarray]:
+        """Scaled float32 values of one entity (NaN in the gaps of nullable sensors), and which
+        rows are the validation tail."""
         split = next(s for s in self.splits if s.entity == entity)
         frame = pq.read_table(self.root / split.file).to_pandas()
         values = frame[list(self.sensors)].to_numpy(np.float32)
-        is_val = frame["part"].to_numpy() == "val"
+        return values, frame["part"].to_numpy() == "val"
+
+    def load(self, entity: str) -> tuple[np.ndarray, np.ndarray]:
+        """Scaled float32 ``(fit, val)`` arrays of one entity, gaps filled with the training mean
+        (0 once scaled, as :meth:`Scaler.impute`)."""
+        values, is_val = self._read(entity)
+        values = np.nan_to_num(values, nan=0.0)
         return values[~is_val], values[is_val]
+
+    def observed(self, entity: str) -> tuple[np.ndarray, np.ndarray]:
+        """Boolean ``(fit, val)`` masks `(T, C)` of the values that were read, not filled."""
+        values, is_val = self._read(entity)
+        observed = ~np.isnan(values)
+        return observed[~is_val], observed[is_val]
 
     def tail_with_context(self, entity: str, context_rows: int) -> tuple[np.ndarray, int]:
         """The entity's validation tail led by up to ``context_rows`` rows of its fit part, and
@@ -152,6 +165,7 @@ def build_dataset(
         scalers[str(entity)] = scaler.to_dict()
         file = f"entity-{number:05d}.parquet"
         scaled = scaler.transform(scaler.impute(values))
+        scaled[np.isnan(values)] = np.nan  # kept as gaps on disk: ``load`` fills them
         _write_entity(out_dir / file, str(entity), rows["ts"], scaled, sensors, fit_rows)
         first, last = str(rows["ts"].iloc[0]), str(rows["ts"].iloc[-1])
         splits.append(EntitySplit(str(entity), file, fit_rows, val_rows, first, last))

@@ -13,7 +13,9 @@ from data_contracts.contract import contract_from_dict
 from model.checkpoint import Checkpoint
 from model.config import ModelConfig
 from model.network import AnomalyTransformer
+from model.scoring import score_series
 from tasks.errors import DataContractError
+from tasks.fit import sensor_scales
 from tasks.scoring import score_values
 from tasks.warehouse import ensure_schema, get_engine, upsert_readings
 from tasks.windowing import DatasetRef, build_dataset
@@ -81,3 +83,21 @@ def test_a_gap_scores_the_same_in_any_batch() -> None:
     split, _ = score_values(checkpoint, "P1", values[36:], skip=9)
     assert np.isfinite(whole).all()
     np.testing.assert_allclose(whole[15:], split, rtol=1e-5)
+
+
+def test_a_gap_in_the_validation_tail_does_not_shrink_the_sensors_divisor(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """recon_mean_norm divides each sensor's error by its mean error on the tail: a filled gap
+    there (easy to reconstruct) must not count, or the sensor's normal errors look anomalous."""
+    dataset = _dataset(sqlite_url, _readings(slice(68, 78)), tmp_path / "dataset")
+    fit_observed, observed = dataset.observed("P1")  # the tail is rows 64..79
+    assert fit_observed.all() and not observed[4:14, 1].any() and observed[:, 0].all()
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_channels=2, win_size=10, d_model=8, n_heads=2, e_layers=1, d_ff=8)
+    model = AnomalyTransformer(cfg).eval()
+    scales = sensor_scales(model, dataset, "recon_mean_norm")["P1"]
+    values, skip = dataset.tail_with_context("P1", cfg.win_size - 1)
+    errors = score_series(model, values, "recon_mean", skip=skip).contributions
+    assert scales[0] == pytest.approx(errors[:, 0].mean(), rel=1e-6)
+    assert scales[1] == pytest.approx(errors[observed[:, 1], 1].mean(), rel=1e-6)
