@@ -9,6 +9,9 @@ import numpy as np
 
 # A column whose standard deviation is at most this share of its magnitude counts as constant.
 CONSTANT_TOLERANCE = 1e-10
+# Standardised values are clipped to +- this many training deviations: far beyond any normal
+# reading (alarms anyway), and small enough that squared errors stay finite in float32.
+STANDARD_SCORE_LIMIT = 1e6
 
 
 def _as_matrix(values: np.ndarray, name: str, *, missing_ok: bool = False) -> np.ndarray:
@@ -74,9 +77,11 @@ class Scaler:
         return array
 
     def transform(self, values: np.ndarray) -> np.ndarray:
-        """Standardised float32 copy of ``values`` `(T, C)`."""
+        """Standardised float32 copy of ``values`` `(T, C)`, clipped to +-
+        ``STANDARD_SCORE_LIMIT``."""
         array = self._check_channels(_as_matrix(values, "values"))
-        return ((array - self.mean) / self.scale).astype(np.float32)
+        standard = (array - self.mean) / self.scale
+        return np.clip(standard, -STANDARD_SCORE_LIMIT, STANDARD_SCORE_LIMIT).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
         return {"mean": self.mean.tolist(), "scale": self.scale.tolist()}

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.scaling import Scaler
+from model.config import ModelConfig
+from model.network import AnomalyTransformer
+from model.scaling import STANDARD_SCORE_LIMIT, Scaler
+from model.scoring import METHODS, score_series
 from model.windows import WindowSet, window_starts
 
 
@@ -30,6 +33,23 @@ def test_scaler_standardises_sensors_read_in_tiny_units() -> None:
     assert Scaler.fit(np.zeros((5, 1))).scale[0] == 1.0
     # Already standardised input (the detectors'): rounding noise of a constant sensor stays flat.
     assert Scaler.fit(np.array([[-5.5e-17], [0.0]]), unit=1.0).scale[0] == 1.0
+
+
+def test_readings_far_outside_the_training_range_are_clipped_and_score_finite(
+    tiny_cfg: ModelConfig,
+) -> None:
+    """A reading 1e30 deviations out (a sensor in tiny units that jumps, a constant one that
+    moves) would overflow the squared error to inf/NaN: it is clipped, and still scores highest."""
+    rng = np.random.default_rng(0)
+    scaler = Scaler.fit(rng.normal(0.0, 1e-12, (200, tiny_cfg.n_channels)))
+    readings = rng.normal(0.0, 1e-12, (64, tiny_cfg.n_channels))
+    readings[40, 1] = 1e18
+    scaled = scaler.transform(readings)
+    assert scaled[40, 1] == STANDARD_SCORE_LIMIT
+    model = AnomalyTransformer(tiny_cfg).eval()
+    for method in METHODS:
+        scores = score_series(model, scaled, method).scores
+        assert np.isfinite(scores).all(), method
 
 
 def test_scaler_round_trips_through_a_dict() -> None:
