@@ -272,10 +272,16 @@ def user_contract_dir() -> Path:
     return Path(os.environ.get("ATP_HOME", ".atp")).expanduser().resolve() / "contracts"
 
 
+def is_contract_path(name_or_path: str | Path) -> bool:
+    """Whether ``name_or_path`` is a YAML file's path (``.yaml`` or ``.yml``, any case), not a
+    contract's name."""
+    return Path(name_or_path).suffix.lower() in (".yaml", ".yml")
+
+
 def load_contract(name_or_path: str | Path) -> Contract:
     """Load a contract by name (bundled, else ``user_contract_dir()``) or any YAML file by path."""
     path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
+    if not is_contract_path(path):
         path = CONTRACT_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             path = user_contract_dir() / f"{name_or_path}.yaml"

@@ -13,7 +13,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data_contracts import Contract, load_contract
-from data_contracts.contract import CONTRACT_DIR, list_contracts, user_contract_dir
+from data_contracts.contract import (
+    CONTRACT_DIR,
+    is_contract_path,
+    list_contracts,
+    user_contract_dir,
+)
 from tasks.errors import DataContractError, IngestError
 from tasks.ingest import read_smd, read_table, to_wide
 from tasks.loaders import LOADERS
@@ -114,7 +119,7 @@ def ingest_table(warehouse_url: str, path: Path, contract_name: str) -> IngestSu
     ``train --source NAME`` and ``score --source NAME`` use the same rules.
     """
     contract = load_contract(contract_name)
-    by_path = Path(contract_name).suffix in (".yaml", ".yml")
+    by_path = is_contract_path(contract_name)
     if by_path and contract.name in list_contracts() and load_contract(contract.name) != contract:
         raise IngestError(
             f"{contract_name}: name {contract.name!r} belongs to a bundled "

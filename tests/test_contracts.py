@@ -99,6 +99,15 @@ def test_bad_contract_file(tmp_path: Path) -> None:
         load_contract("no_such_contract")
 
 
+@pytest.mark.parametrize("suffix", [".yaml", ".YAML", ".yml", ".YML"])
+def test_a_contract_path_is_read_whatever_the_case_of_its_suffix(
+    tmp_path: Path, suffix: str
+) -> None:
+    path = tmp_path / f"plant{suffix}"
+    path.write_text("name: plant\nversion: 1\nsensors: {columns: [a]}\n")
+    assert load_contract(path).name == load_contract(str(path)).name == "plant"
+
+
 def test_check_identifier() -> None:
     assert check_identifier("m_01", "column") == "m_01"
     for bad in ["", "1a", "A", "a-b", "a b", "a" * 64, "a\n", "drop;--"]:

@@ -345,6 +345,14 @@ def test_draft_of_a_long_file_with_a_sensor_named_like_a_key_column(
 # --- contract files ---------------------------------------------------------------------------
 
 
+def test_a_contract_path_with_an_upper_case_suffix_is_read_and_registered(
+    tmp_path: Path, sqlite_url: str, plant: str
+) -> None:
+    upper = Path(plant).rename(Path(plant).with_suffix(".YML"))
+    assert ingest_table(sqlite_url, _csv(tmp_path / "day.csv", _frame()), str(upper)).rows_new
+    assert load_contract("plant") == load_contract(upper)
+
+
 def test_a_broken_or_missing_contract_file_is_a_contract_error_naming_it(tmp_path: Path) -> None:
     path = tmp_path / "typo.yaml"
     path.write_text("name: plant\nversion: 1\nsensors:\n  colums: [a]\n")
