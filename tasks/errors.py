@@ -37,6 +37,11 @@ class IngestError(AtpError):
     """A source file cannot be read as its layout promises (ragged rows, label length, format)."""
 
 
+class NoDataError(IngestError):
+    """A source file holds no data rows (empty, blank or only a header); a loader of many files
+    skips it and reports it, a loader that needs the file fails."""
+
+
 class ModelRegistryError(AtpError):
     """No usable model: missing alias, missing or altered artifact."""
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_contracts.contract import Contract, load_contract
-from tasks.errors import PERMANENT_OS_ERRORS, IngestError
+from tasks.errors import PERMANENT_OS_ERRORS, IngestError, NoDataError
 
 SMD_ORIGIN = datetime(2020, 1, 1)  # naive UTC; SMD has no timestamps, so rows count from here
 SMD_PARTS = ("train", "test", "test_label")
@@ -76,7 +76,7 @@ def read_text(path: Path) -> str:
     except UnicodeDecodeError as error:
         raise IngestError(f"{path}: not UTF-8 text (byte {error.start})") from error
     if not text.strip():
-        raise IngestError(f"{path}: empty file")
+        raise NoDataError(f"{path}: empty file")
     return text
 
 
@@ -198,7 +198,7 @@ def read_table(path: Path, contract: Contract) -> pd.DataFrame:
     if not path.is_file():
         raise IngestError(f"{path}: no such file")
     if path.stat().st_size == 0:
-        raise IngestError(f"{path}: empty file")
+        raise NoDataError(f"{path}: empty file")
     name = path.name.lower()
     if name.endswith(".parquet"):
         frame = _read_parquet(path)
@@ -207,7 +207,7 @@ def read_table(path: Path, contract: Contract) -> pd.DataFrame:
     else:
         raise IngestError(f"{path}: unsupported file type; use .csv, .csv.gz or .parquet")
     if frame.empty:
-        raise IngestError(f"{path}: no data rows")
+        raise NoDataError(f"{path}: no data rows")
     return frame
 
 

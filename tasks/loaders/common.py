@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.errors import IngestError
+from tasks.errors import IngestError, NoDataError
 from tasks.ingest import header_names, read_text
 
 ORIGIN = datetime(2020, 1, 1)  # naive UTC start of series that carry no timestamps
@@ -28,13 +29,30 @@ class SourceLoad:
 
 def read_csv_text(path: Path, text: str | None = None, **options: object) -> pd.DataFrame:
     """A CSV file (or ``text`` read from it) whose lines all have the header's width;
-    pandas errors become IngestError naming the file."""
+    pandas errors become IngestError naming the file, no data rows NoDataError."""
     text = read_text(path) if text is None else text
     header_names(path, text, str(options.get("sep", ",")))
     try:
-        return pd.read_csv(io.StringIO(text), **options)  # type: ignore[arg-type]
+        frame = pd.read_csv(io.StringIO(text), **options)  # type: ignore[arg-type]
     except ValueError as error:
         raise IngestError(f"{path}: {error}") from error
+    if frame.empty:
+        raise NoDataError(f"{path}: no data rows")
+    return frame
+
+
+def read_each(
+    paths: list[Path], read: Callable[[Path], pd.DataFrame], key: Callable[[Path], str]
+) -> tuple[list[pd.DataFrame], list[str]]:
+    """``read`` of every path, and ``"<key>: no data rows"`` for each file that has none (empty,
+    blank or only a header): such a file is skipped and reported, not loaded as nothing."""
+    frames, skipped = [], []
+    for path in paths:
+        try:
+            frames.append(read(path))
+        except NoDataError:
+            skipped.append(f"{key(path)}: no data rows")
+    return frames, skipped
 
 
 def numeric_columns(frame: pd.DataFrame, columns: list[str], path: Path) -> pd.DataFrame:

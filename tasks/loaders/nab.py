@@ -17,6 +17,7 @@ from tasks.loaders.common import (
     labels,
     numeric_columns,
     read_csv_text,
+    read_each,
 )
 
 PROBATION = 0.15  # NAB's probationary period: the first 15 % of each file is not scored
@@ -73,17 +74,26 @@ def _read_series(
     return frame[["entity", "ts", "value", "label"]]
 
 
+def _key(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}"
+
+
 def read_nab(root: Path) -> SourceLoad:
     """Every NAB series as entity ``<group>/<name>``; label null in the probationary period
     (cut short before any window inside it), 1 inside a window (ends inclusive), else 0.
-    A CSV without an entry in the windows file is skipped and reported."""
+    A CSV without an entry in the windows file or without data rows is skipped and reported."""
     root = Path(root)
     windows = _windows(root)
-    frames, skipped, notes = [], [], []
-    for path in sorted((root / "data").glob("*/*.csv")):
-        key = f"{path.parent.name}/{path.name}"
-        if key not in windows:
-            skipped.append(f"{key}: no entry in labels/combined_windows.json")
-            continue
-        frames.append(_read_series(path, key, windows[key], notes))
-    return SourceLoad(concat(frames, root), skipped, notes)
+    paths = sorted((root / "data").glob("*/*.csv"))
+    skipped = [
+        f"{_key(p)}: no entry in labels/combined_windows.json"
+        for p in paths
+        if _key(p) not in windows
+    ]
+    notes: list[str] = []
+    frames, empty = read_each(
+        [p for p in paths if _key(p) in windows],
+        lambda p: _read_series(p, _key(p), windows[_key(p)], notes),
+        _key,
+    )
+    return SourceLoad(concat(frames, root), sorted(skipped + empty), notes)

@@ -25,8 +25,6 @@ ENTITY = "psm"
 def _minutes(frame: pd.DataFrame, path: Path) -> np.ndarray:
     if TIME not in frame.columns:
         raise IngestError(f"{path}: no {TIME!r} column; found {list(frame.columns)[:5]}...")
-    if frame.empty:
-        raise IngestError(f"{path}: no data rows")
     minutes = numeric_columns(frame, [TIME], path)[TIME].to_numpy()
     if np.isnan(minutes).any() or (minutes != np.round(minutes)).any():
         raise IngestError(f"{path}: {TIME!r} must hold whole minutes, without gaps in the column")

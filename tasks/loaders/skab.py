@@ -15,6 +15,7 @@ from tasks.loaders.common import (
     labels,
     numeric_columns,
     read_csv_text,
+    read_each,
 )
 
 SENSORS = {
@@ -59,17 +60,23 @@ def _read_run(
     return out
 
 
+def _entity(path: Path) -> str:
+    return f"{path.parent.name}/{path.stem}"
+
+
 def read_skab(root: Path, *, train_rows: int = TRAIN_ROWS) -> SourceLoad:
     """Each run (file) is an entity ``<folder>/<stem>``, since runs overlap in time. The
     anomaly-free run is all training range; a labelled run's first ``train_rows`` rows are its
     training range (label null; cut short before an anomaly inside it), the rest carry
-    ``anomaly``; ``changepoint`` is not loaded."""
+    ``anomaly``; ``changepoint`` is not loaded. A run without data rows is skipped and
+    reported."""
     root = Path(root)
     if (root / "data").is_dir():
         root = root / "data"
-    frames, notes = [], []
-    for path in sorted(root.glob("*/*.csv")):
-        labelled = path.parent.name != "anomaly-free"
-        entity = f"{path.parent.name}/{path.stem}"
-        frames.append(_read_run(path, entity, labelled, train_rows, notes))
-    return SourceLoad(concat(frames, root), [], notes)
+    notes: list[str] = []
+    frames, skipped = read_each(
+        sorted(root.glob("*/*.csv")),
+        lambda p: _read_run(p, _entity(p), p.parent.name != "anomaly-free", train_rows, notes),
+        _entity,
+    )
+    return SourceLoad(concat(frames, root), skipped, notes)

@@ -10,7 +10,7 @@ import pandas as pd
 from tasks.contract_infer import sensor_identifier
 from tasks.errors import IngestError
 from tasks.ingest import read_text
-from tasks.loaders.common import SourceLoad, concat, labels, read_csv_text
+from tasks.loaders.common import SourceLoad, concat, labels, read_csv_text, read_each
 
 LABEL = "normal/attack"
 ENTITY = "swat"
@@ -71,8 +71,10 @@ def _read_file(path: Path) -> pd.DataFrame:
 
 def read_swat(root: Path) -> SourceLoad:
     """One entity ``swat``: the ``*normal*`` CSVs first (label null), then the others (Attack = 1,
-    Normal = 0). Columns become identifiers (``FIT101`` -> ``fit101``); the contract checks them."""
+    Normal = 0). Columns become identifiers (``FIT101`` -> ``fit101``); the contract checks them.
+    A file without data rows is skipped and reported."""
     root = Path(root)
     paths = [root] if root.is_file() else sorted(root.glob("*.csv"))
     paths.sort(key=lambda p: "normal" not in p.name.lower())
-    return SourceLoad(concat([_read_file(p) for p in paths], root))
+    frames, skipped = read_each(paths, _read_file, lambda p: p.name)
+    return SourceLoad(concat(frames, root), skipped)

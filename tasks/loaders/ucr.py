@@ -11,7 +11,14 @@ import pandas as pd
 
 from tasks.errors import IngestError
 from tasks.ingest import read_text
-from tasks.loaders.common import SourceLoad, concat, labels, synthetic_ts, warehouse_frame
+from tasks.loaders.common import (
+    SourceLoad,
+    concat,
+    labels,
+    read_each,
+    synthetic_ts,
+    warehouse_frame,
+)
 
 CADENCE_SECONDS = 1  # the archive gives no sampling rate: one row per second from ORIGIN
 _NAME = re.compile(r"(\d+)_UCR_Anomaly_(.+)_(\d+)_(\d+)_(\d+)\.txt")
@@ -64,7 +71,9 @@ def read_ucr_file(path: Path) -> pd.DataFrame:
 
 
 def read_ucr(root: Path) -> SourceLoad:
-    """Every ``*_UCR_Anomaly_*.txt`` under ``root`` (any depth), one entity each."""
+    """Every ``*_UCR_Anomaly_*.txt`` under ``root`` (any depth), one entity each; a file
+    without values is skipped and reported."""
     root = Path(root)
     paths = [root] if root.is_file() else sorted(root.rglob("*_UCR_Anomaly_*.txt"))
-    return SourceLoad(concat([read_ucr_file(p) for p in paths], root))
+    frames, skipped = read_each(paths, read_ucr_file, lambda p: p.name)
+    return SourceLoad(concat(frames, root), skipped)

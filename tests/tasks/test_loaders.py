@@ -321,6 +321,28 @@ def test_swat_unknown_label_names_the_file(tmp_path: Path) -> None:
         read_swat(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("kind", "file", "content", "key"),
+    [
+        ("nab", "data/realX/a.csv", None, "realX/a.csv"),
+        ("nab", "data/realX/a.csv", "", "realX/a.csv"),
+        ("skab", "data/valve1/0.csv", None, "valve1/0"),
+        ("ucr", "003_UCR_Anomaly_X_5_10_12.txt", " \n", "003_UCR_Anomaly_X_5_10_12.txt"),
+        ("swat", "SWaT_Dataset_Attack_v0.csv", None, "SWaT_Dataset_Attack_v0.csv"),
+    ],
+    ids=["nab header only", "nab empty", "skab header only", "ucr blank", "swat header only"],
+)
+def test_a_file_without_data_rows_is_skipped_and_reported(
+    tmp_path: Path, kind: str, file: str, content: str | None, key: str
+) -> None:
+    expected = LAYOUT_WRITERS[kind](tmp_path)
+    path = tmp_path / file
+    path.write_text(path.read_text().partition("\n")[0] + "\n" if content is None else content)
+    load = LOADERS[kind](tmp_path)
+    assert f"{key}: no data rows" in load.skipped
+    assert sorted(load.frame["entity"].unique()) == sorted(set(expected) - {"realX/a", "valve1/0"})
+
+
 def _edit_line(path: Path, line: int, edit) -> None:
     lines = path.read_text().splitlines()
     lines[line - 1] = edit(lines[line - 1])
