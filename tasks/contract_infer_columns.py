@@ -11,13 +11,13 @@ from typing import Any
 import pandas as pd
 
 from tasks.errors import IngestError
+from tasks.ingest import row_examples
 
 TIMESTAMP_NAMES = ("ts", "timestamp", "time", "datetime", "date", "timestamp_(min)")
 ENTITY_NAMES = ("entity", "machine", "device", "asset", "unit", "host", "id", "series", "channel")
 LABEL_NAMES = ("label", "anomaly", "is_anomaly", "attack", "target")
 SENSOR_NAMES = ("sensor", "metric", "signal", "variable", "tag", "name", "measurement")
 VALUE_NAMES = ("value", "reading", "val", "measurement_value")
-EXAMPLES = 5
 
 
 def is_text(series: pd.Series) -> bool:
@@ -78,12 +78,6 @@ def _is_entity(series: pd.Series) -> bool:
     return is_text(series) and (named or _number_share(series) <= 0.5)
 
 
-def _examples(series: pd.Series, mask: Any) -> str:
-    """Up to ``EXAMPLES`` offending values with their data row (1-based)."""
-    shown = series[mask].head(EXAMPLES)
-    return ", ".join(f"data row {int(i) + 1}: {v!r}" for i, v in shown.items())
-
-
 def refuse_bad_columns(frame: pd.DataFrame, columns: dict[str, Any], path: Path) -> None:
     """IngestError for a blank entity, a label column that is not 0/1 and a text column that is
     mostly numbers (a sensor with some values that are not: drafting would silently drop it)."""
@@ -93,7 +87,7 @@ def refuse_bad_columns(frame: pd.DataFrame, columns: dict[str, Any], path: Path)
     if blank.any():
         raise IngestError(
             f"{path}: entity column {entity.name!r} is blank in {int(blank.sum())} of "
-            f"{len(entity)} rows; e.g. {_examples(entity.fillna(''), blank)}; every row needs "
+            f"{len(entity)} rows; e.g. {row_examples(entity.fillna(''), blank)}; every row needs "
             "the name of its series (machine, device, ...)"
         )
     label = columns["label_column"]
@@ -105,7 +99,7 @@ def refuse_bad_columns(frame: pd.DataFrame, columns: dict[str, Any], path: Path)
         if bad.any():
             raise IngestError(
                 f"{path}: {what} {column!r} holds values other than 0, 1 and blank: "
-                f"{int(bad.sum())}; e.g. {_examples(frame[column], bad)}; write labels as "
+                f"{int(bad.sum())}; e.g. {row_examples(frame[column], bad)}; write labels as "
                 "0/1 (blank: unlabelled), or rename the column if it is a sensor"
             )
     if columns.get("sensor_column") is not None:
@@ -124,7 +118,7 @@ def refuse_bad_columns(frame: pd.DataFrame, columns: dict[str, Any], path: Path)
         hint = " (decimal commas: write 1.5, not 1,5)" if commas else ""
         raise IngestError(
             f"{path}: column {column!r} holds numbers, but values that are not numbers"
-            f"{hint}: {int(bad.sum())}; e.g. {_examples(frame[column], bad)}; correct or "
+            f"{hint}: {int(bad.sum())}; e.g. {row_examples(frame[column], bad)}; correct or "
             "blank them (blank: missing), or drop the column if it is not a sensor"
         )
 
@@ -203,7 +197,7 @@ def parse_times(values: pd.Series, path: Path) -> tuple[pd.Series, bool]:
     if bad.any():
         raise IngestError(
             f"{where}: values that are not ISO 8601 timestamps: {int(bad.sum())}; "
-            f"e.g. {_examples(values, bad)}"
+            f"e.g. {row_examples(values, bad)}"
         )
     try:
         single = pd.to_datetime(values, format="ISO8601")
@@ -211,10 +205,12 @@ def parse_times(values: pd.Series, path: Path) -> tuple[pd.Series, bool]:
         present = values.dropna()
         aware = present.map(lambda v: pd.Timestamp(v).tzinfo is not None).astype(bool)
         if not aware.all():
-            fewer = present.index[aware if aware.sum() < (~aware).sum() else ~aware]
+            fewer = values.index.isin(
+                present.index[aware if aware.sum() < (~aware).sum() else ~aware]
+            )
             raise IngestError(
                 f"{where}: {int((~aware).sum())} timestamps carry no UTC offset beside "
-                f"{int(aware.sum())} that do, e.g. {_examples(values, values.index.isin(fewer))}; "
+                f"{int(aware.sum())} that do, e.g. {row_examples(values, fewer)}; "
                 "give every timestamp an offset, or none"
             ) from None
         return parsed, True

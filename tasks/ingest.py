@@ -15,6 +15,7 @@ import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,7 @@ _NUMBER = re.compile(r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*")
 _GZIP_MAGIC = b"\x1f\x8b"
 _PARQUET_MAGIC = b"PAR1"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+EXAMPLES = 5  # offending values an error message shows
 MISSING_TEXT = (  # what pandas reads as missing by default (``read_csv``'s ``na_values``)
     *("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND"),
     *("1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"),
@@ -44,6 +46,13 @@ class SmdLoad:
     frame: pd.DataFrame
     skipped: list[str]
     files: list[Path]
+
+
+def row_examples(series: pd.Series, mask: Any) -> str:
+    """Up to ``EXAMPLES`` values of ``series`` where ``mask`` holds, with their data row (1-based
+    position of a frame read from a file: its index)."""
+    shown = series[mask].head(EXAMPLES)
+    return ", ".join(f"data row {int(i) + 1}: {v!r}" for i, v in shown.items())
 
 
 def file_sha256(path: Path) -> str:

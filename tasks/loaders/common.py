@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.errors import IngestError, NoDataError
-from tasks.ingest import header_names, read_text
+from tasks.ingest import header_names, read_text, row_examples
 
 ORIGIN = datetime(2020, 1, 1)  # naive UTC start of series that carry no timestamps
 
@@ -69,6 +69,19 @@ def numeric_columns(frame: pd.DataFrame, columns: list[str], path: Path) -> pd.D
             )
         out[column] = values.astype("float64")
     return out
+
+
+def binary_labels(frame: pd.DataFrame, column: str, path: Path) -> pd.Series:
+    """``column`` when it holds only 0 and 1; IngestError with the count of other values (blanks
+    included) and examples with their data row otherwise."""
+    values = frame[column]
+    bad = ~values.isin([0, 1])
+    if bad.any():
+        raise IngestError(
+            f"{path}: column {column!r} holds values other than 0/1: {int(bad.sum())}; "
+            f"e.g. {row_examples(values, bad)}"
+        )
+    return values
 
 
 def iso_timestamps(frame: pd.DataFrame, column: str, path: Path) -> pd.Series:

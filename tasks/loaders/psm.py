@@ -12,6 +12,7 @@ from tasks.errors import IngestError
 from tasks.loaders.common import (
     ORIGIN,
     SourceLoad,
+    binary_labels,
     labels,
     numeric_columns,
     read_csv_text,
@@ -69,9 +70,8 @@ def read_psm(root: Path) -> SourceLoad:
         raise IngestError(f"{root / 'test.csv'}: columns differ from train.csv")
     notes: list[str] = []
     raw = numeric_columns(pd.concat([train, test], ignore_index=True), features, root / "train.csv")
-    flags = numeric_columns(label, ["label"], root / "test_label.csv")["label"]
-    if not flags.isin([0, 1]).all():
-        raise IngestError(f"{root / 'test_label.csv'}: column 'label' holds values other than 0/1")
+    path = root / "test_label.csv"
+    flags = binary_labels(numeric_columns(label, ["label"], path), "label", path)
     ts = pd.Timestamp(ORIGIN) + pd.to_timedelta(np.concatenate(minutes[:2]), unit="min")
     frame = warehouse_frame(
         ENTITY, ts, _filled(raw[features], notes), labels(len(train), flags.to_numpy())

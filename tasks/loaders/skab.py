@@ -10,6 +10,7 @@ import pandas as pd
 from tasks.errors import IngestError
 from tasks.loaders.common import (
     SourceLoad,
+    binary_labels,
     concat,
     iso_timestamps,
     labels,
@@ -46,9 +47,7 @@ def _read_run(
     if not labelled:
         out["label"] = labels(len(out), [])
         return out
-    anomaly = frame["anomaly"]
-    if not anomaly.isin([0, 1]).all():
-        raise IngestError(f"{path}: column 'anomaly' holds values other than 0/1")
+    anomaly = binary_labels(frame, "anomaly", path)
     head = min(train_rows, len(out))
     if anomaly.iloc[:head].any():
         head = int(anomaly.to_numpy().argmax())

@@ -343,6 +343,26 @@ def test_a_file_without_data_rows_is_skipped_and_reported(
     assert sorted(load.frame["entity"].unique()) == sorted(set(expected) - {"realX/a", "valve1/0"})
 
 
+@pytest.mark.parametrize(
+    ("kind", "file", "column", "sep"),
+    [("skab", "data/valve1/0.csv", "anomaly", ";"), ("psm", "test_label.csv", "label", ",")],
+)
+def test_labels_other_than_0_1_are_counted_with_rows_and_values(
+    tmp_path: Path, kind: str, file: str, column: str, sep: str
+) -> None:
+    LAYOUT_WRITERS[kind](tmp_path)
+    path = tmp_path / file
+    table = pd.read_csv(path, sep=sep)
+    table.loc[[3, 100], column] = [2.0, 0.5] if kind == "skab" else [-1.0, np.nan]
+    table.to_csv(path, sep=sep, index=False)
+    shown = "2.0, data row 101: 0.5" if kind == "skab" else "-1.0, data row 101: nan"
+    with pytest.raises(IngestError) as raised:
+        LOADERS[kind](tmp_path)
+    assert str(raised.value) == (
+        f"{path}: column {column!r} holds values other than 0/1: 2; e.g. data row 4: {shown}"
+    )
+
+
 def _edit_line(path: Path, line: int, edit) -> None:
     lines = path.read_text().splitlines()
     lines[line - 1] = edit(lines[line - 1])
