@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from tasks.errors import IngestError
-from tasks.ingest import row_examples
+from tasks.ingest import decimal_comma_hint, row_examples
 
 TIMESTAMP_NAMES = ("ts", "timestamp", "time", "datetime", "date", "timestamp_(min)")
 ENTITY_NAMES = ("entity", "machine", "device", "asset", "unit", "host", "id", "series", "channel")
@@ -114,11 +114,10 @@ def refuse_bad_columns(frame: pd.DataFrame, columns: dict[str, Any], path: Path)
                 f"{path}: column {column!r} holds numbers as text ({frame[column].dtype}); "
                 "store them as numbers"
             )
-        commas = values[bad].str.fullmatch(r"[-+]?\d*,\d+").all()
-        hint = " (decimal commas: write 1.5, not 1,5)" if commas else ""
         raise IngestError(
             f"{path}: column {column!r} holds numbers, but values that are not numbers"
-            f"{hint}: {int(bad.sum())}; e.g. {row_examples(frame[column], bad)}; correct or "
+            f"{decimal_comma_hint(values[bad])}: {int(bad.sum())}; e.g. "
+            f"{row_examples(frame[column], bad)}; correct or "
             "blank them (blank: missing), or drop the column if it is not a sensor"
         )
 

@@ -29,6 +29,7 @@ SMD_ORIGIN = datetime(2020, 1, 1)  # naive UTC; SMD has no timestamps, so rows c
 SMD_PARTS = ("train", "test", "test_label")
 _SMD_FILE = re.compile(r"(machine-\d+-\d+)\.txt(\.gz)?")
 _NUMBER = re.compile(r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*")
+_DECIMAL_COMMA = r"\s*[-+]?\d*,\d+\s*"
 _GZIP_MAGIC = b"\x1f\x8b"
 _PARQUET_MAGIC = b"PAR1"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
@@ -53,6 +54,14 @@ def row_examples(series: pd.Series, mask: Any) -> str:
     position of a frame read from a file: its index)."""
     shown = series[mask].head(EXAMPLES)
     return ", ".join(f"data row {int(i) + 1}: {v!r}" for i, v in shown.items())
+
+
+def decimal_comma_hint(values: pd.Series) -> str:
+    """`` (decimal commas: write 1.5, not 1,5)`` when every one of ``values`` (those that are
+    not numbers) is a number written with a decimal comma; else ``""``."""
+    text = values.dropna().astype("str")
+    commas = len(text) > 0 and bool(text.str.fullmatch(_DECIMAL_COMMA).all())
+    return " (decimal commas: write 1.5, not 1,5)" if commas else ""
 
 
 def file_sha256(path: Path) -> str:
@@ -335,7 +344,7 @@ def _pivot_long(frame: pd.DataFrame, contract: Contract, source: str) -> pd.Data
         examples = [f"line {i + 2}: {data[value][i]!r}" for i in data.index[bad][:5]]
         raise IngestError(
             f"{source}: column {value!r} has {int(bad.sum())} values that are not "
-            f"numbers, e.g. {', '.join(examples)}"
+            f"numbers{decimal_comma_hint(data[value][bad])}, e.g. {', '.join(examples)}"
         )
     data[value] = numbers.astype("float64")
     repeated = data.duplicated([*keys, sensor], keep=False)

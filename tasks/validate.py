@@ -25,6 +25,7 @@ from data_contracts import Contract
 from data_contracts.gx_suite import EXAMPLES, LABEL_VALUES, Outcome, build_suite, run_suite
 from tasks.data_docs import validation_docs
 from tasks.errors import DataContractError
+from tasks.ingest import decimal_comma_hint
 
 if TYPE_CHECKING:
     from great_expectations.core import ExpectationSuiteValidationResult
@@ -187,7 +188,8 @@ def _type_failure(column: str, data: pd.DataFrame) -> RuleFailure:
         if (offending & ~numbers).any():
             offending = offending & ~numbers
     expected = "naive datetimes" if column == "ts" else "float or int"
-    what = f"values in a column of dtype {values.dtype}, expected {expected}"
+    hint = "" if column == "ts" else decimal_comma_hint(values[offending])
+    what = f"values in a column of dtype {values.dtype}, expected {expected}{hint}"
     return _failure(TYPE_RULE, data, offending, what, column)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.errors import IngestError, NoDataError
-from tasks.ingest import header_names, read_text, row_examples
+from tasks.ingest import decimal_comma_hint, header_names, read_text, row_examples
 
 ORIGIN = datetime(2020, 1, 1)  # naive UTC start of series that carry no timestamps
 
@@ -66,6 +66,7 @@ def numeric_columns(frame: pd.DataFrame, columns: list[str], path: Path) -> pd.D
             raise IngestError(
                 f"{path}: column {column!r}, data row {row + 1} is not a number: "
                 f"{out[column].iat[row]!r} ({int(bad.sum())} such values)"
+                f"{decimal_comma_hint(out[column][bad])}"
             )
         out[column] = values.astype("float64")
     return out

@@ -185,6 +185,26 @@ def test_timestamps_are_checked_as_stored_in_whole_microseconds(
     assert ingest_table(sqlite_url, path, plant).rows_new == 0
 
 
+@pytest.mark.parametrize("layout", ["wide", "long"])
+def test_decimal_commas_are_named_as_such_at_ingest(
+    tmp_path: Path, sqlite_url: str, plant: str, layout: str
+) -> None:
+    frame, contract = _frame(), plant
+    if layout == "long":
+        frame = frame.drop(columns="label").melt(["machine", "time"], var_name="tag")
+        drafted, why = infer_contract(_csv(tmp_path / "long.csv", frame), name="plant_long")
+        contract = str(write_contract(drafted, tmp_path / "plant_long.yaml", why))
+    numbers = "temp" if layout == "wide" else "value"
+    frame[numbers] = frame[numbers].map(lambda v: f"{v:.3f}".replace(".", ","))
+    path = tmp_path / "semicolons.csv"
+    frame.to_csv(path, sep=";", index=False)
+    hint = r"\(decimal commas: write 1.5, not 1,5\)"
+    with pytest.raises((DataContractError, IngestError), match=hint) as raised:
+        ingest_table(sqlite_url, path, contract)
+    assert str(path) in str(raised.value)
+    assert _rows(sqlite_url) == _rows(sqlite_url, "plant_long_readings") == 0
+
+
 # --- re-loading: idempotent, and stored readings are never changed ----------------------------
 
 

@@ -363,6 +363,14 @@ def test_labels_other_than_0_1_are_counted_with_rows_and_values(
     )
 
 
+def test_a_decimal_comma_in_a_skab_file_is_named_as_such(tmp_path: Path) -> None:
+    write_skab(tmp_path)
+    path = tmp_path / "data" / "valve1" / "0.csv"
+    _edit_line(path, 4, lambda s: s.replace(".", ",", 2).replace(",", ".", 1))
+    with pytest.raises(IngestError, match=r"data row 3 is not a number: '[-\d]+,\d+' .*\(decimal"):
+        read_skab(tmp_path)
+
+
 def _edit_line(path: Path, line: int, edit) -> None:
     lines = path.read_text().splitlines()
     lines[line - 1] = edit(lines[line - 1])
