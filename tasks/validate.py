@@ -315,11 +315,21 @@ def _nullable_number(dtype: Any) -> bool:
     return extension and types.is_numeric_dtype(dtype) and not types.is_bool_dtype(dtype)
 
 
+def _entity_ids(values: pd.Series) -> pd.Series:
+    """Entity ids as text; numbers in their canonical form, whole ones without a fraction, so
+    that ``1.0`` (a float column of a Parquet file) is the entity ``1`` that a CSV names."""
+    if not pd.api.types.is_float_dtype(values):
+        return values.astype("str")
+    ids = {v: str(int(v)) if float(v).is_integer() else str(v) for v in values.dropna().unique()}
+    return values.map(ids).astype("str")
+
+
 def coerce_readings(frame: pd.DataFrame, contract: Contract, *, source: str) -> pd.DataFrame:
     """Source columns renamed to warehouse names and put in table order, ``ts`` as naive UTC.
 
     Columns the contract does not know are kept last when it forbids them (validation rejects
-    them) and dropped when it ignores them. Sensors of pandas' nullable number dtypes become
+    them) and dropped when it ignores them. Numeric entity ids become canonical text (``1.0``
+    is ``"1"``); text ones are kept as written. Sensors of pandas' nullable number dtypes become
     float64 (``NA`` as NaN), as the warehouse stores them, and ``ts`` is cut to whole
     microseconds, as stored. Unparseable timestamps or ones that break the contract's time-zone
     policy raise ``DataContractError`` with examples.
@@ -335,7 +345,7 @@ def coerce_readings(frame: pd.DataFrame, contract: Contract, *, source: str) -> 
     extra = [c for c in data.columns if c not in known] if forbid else []
     data = data[[c for c in known if c in data.columns] + extra].reset_index(drop=True)
     if "entity" in data:
-        data["entity"] = data["entity"].astype("str")
+        data["entity"] = _entity_ids(data["entity"])
     for name in [s for s in contract.sensor_names if s in data]:
         if _nullable_number(data[name].dtype):
             data[name] = data[name].astype("float64")

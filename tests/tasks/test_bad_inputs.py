@@ -205,6 +205,20 @@ def test_decimal_commas_are_named_as_such_at_ingest(
     assert _rows(sqlite_url) == _rows(sqlite_url, "plant_long_readings") == 0
 
 
+def test_a_numeric_entity_id_names_one_entity_whatever_the_file_format(
+    tmp_path: Path, sqlite_url: str, plant: str
+) -> None:
+    frame = _frame().assign(machine=np.repeat([1.0, 2.5], ROWS))  # float64, as Parquet keeps it
+    frame.to_parquet(tmp_path / "day1.parquet")
+    later = frame.assign(time=(pd.to_datetime(frame["time"]) + pd.Timedelta("2h")).astype(str))
+    _csv(tmp_path / "day2.csv", later.assign(machine=np.repeat(["1", "2.5"], ROWS)))
+    assert ingest_table(sqlite_url, tmp_path / "day1.parquet", plant).entities == ("1", "2.5")
+    assert ingest_table(sqlite_url, tmp_path / "day2.csv", plant).entities == ("1", "2.5")
+    with sa.create_engine(sqlite_url).connect() as conn:
+        stored = conn.execute(sa.text("select entity, count(*) from plant_readings group by 1"))
+        assert sorted(stored.tuples()) == [("1", 2 * ROWS), ("2.5", 2 * ROWS)]
+
+
 # --- re-loading: idempotent, and stored readings are never changed ----------------------------
 
 
