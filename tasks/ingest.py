@@ -243,6 +243,7 @@ def _read_csv(path: Path, contract: Contract) -> pd.DataFrame:
         return pd.read_csv(
             io.StringIO(text),
             sep=separator,
+            usecols=range(len(names)),
             dtype=text_columns,
             keep_default_na=False,
             na_values=missing,
@@ -252,8 +253,10 @@ def _read_csv(path: Path, contract: Contract) -> pd.DataFrame:
 
 
 def header_names(path: Path, text: str, separator: str) -> list[str]:
-    """The header's column names; IngestError for repeated names, a line of another width than
-    the header (which pandas would read as shifted columns or an index) or text that is no CSV."""
+    """The header's column names, less an unnamed last column that every line leaves empty (a
+    separator ending every line: read the file with ``usecols=range(len(names))``); IngestError
+    for repeated names, a line of another width than the header (which pandas would read as
+    shifted columns or an index) or text that is no CSV."""
     try:
         return _header(path, text, separator)
     except csv.Error as error:
@@ -286,7 +289,16 @@ def _header(path: Path, text: str, separator: str) -> list[str]:
             f"{path}: lines without the header's {len(names)} fields: {len(ragged)}; "
             f"e.g. {', '.join(ragged[:5])}"
         )
+    if len(names) > 1 and not names[-1].strip() and _ends_empty(text, separator):
+        return names[:-1]
     return names
+
+
+def _ends_empty(text: str, separator: str) -> bool:
+    """Every data line ends with an empty field (blank lines are no data lines)."""
+    rows = csv.reader(io.StringIO(text), delimiter=separator)
+    next(rows)
+    return all(not row or not row[-1].strip() for row in rows)
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:

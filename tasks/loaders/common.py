@@ -31,9 +31,10 @@ def read_csv_text(path: Path, text: str | None = None, **options: object) -> pd.
     """A CSV file (or ``text`` read from it) whose lines all have the header's width;
     pandas errors become IngestError naming the file, no data rows NoDataError."""
     text = read_text(path) if text is None else text
-    header_names(path, text, str(options.get("sep", ",")))
+    names = header_names(path, text, str(options.get("sep", ",")))
     try:
-        frame = pd.read_csv(io.StringIO(text), **options)  # type: ignore[arg-type]
+        columns = range(len(names))  # less a last column that every line leaves empty
+        frame = pd.read_csv(io.StringIO(text), usecols=columns, **options)  # type: ignore[arg-type]
     except ValueError as error:
         raise IngestError(f"{path}: {error}") from error
     if frame.empty:

@@ -100,6 +100,20 @@ def test_malformed_csv_is_refused_naming_the_file_and_line(
     assert str(path) in str(raised.value)
 
 
+def test_a_separator_ending_every_line_adds_no_column(
+    tmp_path: Path, sqlite_url: str, plant: str
+) -> None:
+    path = tmp_path / "trailing.csv"
+    lines = _frame().to_csv(index=False, sep=";").splitlines()
+    path.write_text("".join(f"{line};\n" for line in lines))
+    assert list(read_table(path, load_contract(plant)).columns) == list(_frame().columns)
+    assert ingest_table(sqlite_url, path, plant).rows_new == 2 * ROWS
+    drafted, _ = infer_contract(path, name="draft")
+    assert drafted.sensor_names == ["temp", "flow"] and drafted.extra_columns == "forbid"
+    path.write_text(path.read_text().replace(";\n", ";7\n", 1))  # a value: a column after all
+    assert len(read_table(path, load_contract(plant)).columns) == len(_frame().columns) + 1
+
+
 def test_utf16_text_is_refused_as_such(tmp_path: Path) -> None:
     path = tmp_path / "excel.csv"
     path.write_text("entity,ts,m01\na,2024-01-01,1\n", encoding="utf-16")

@@ -184,6 +184,14 @@ def test_nab_windows_probation_and_quirks(tmp_path: Path) -> None:
     assert load.notes == ["realX/a.csv: dropped 1 rows whose timestamp does not advance"]
 
 
+def test_a_comma_ending_every_line_of_a_nab_file_adds_no_column(tmp_path: Path) -> None:
+    write_nab(tmp_path)
+    before = read_nab(tmp_path).frame
+    path = tmp_path / "data" / "realX" / "a.csv"
+    path.write_text("".join(f"{line},\n" for line in path.read_text().splitlines()))
+    pd.testing.assert_frame_equal(read_nab(tmp_path).frame, before)
+
+
 def test_nab_window_inside_probation_cuts_the_training_range(tmp_path: Path) -> None:
     write_nab(tmp_path)
     early = {
