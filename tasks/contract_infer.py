@@ -7,7 +7,9 @@ The draft is a starting point for review: ranges are the observed ones widened b
 
 from __future__ import annotations
 
+import hashlib
 import re
+import unicodedata
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -28,13 +30,23 @@ from tasks.ingest import read_table, to_wide
 RANGE_MARGIN = 0.5  # bounds = observed [min, max] widened by half the observed span on each side
 DIGITS = 4  # significant digits of a drafted bound
 RESERVED = ("entity", "ts", "label")  # warehouse columns no sensor may take
+HASH_DIGITS = 8  # of a non-ASCII sensor name's SHA-256 in its identifier
 
 
 def sensor_identifier(name: str, taken: Collection[str] = ()) -> str:
-    """A warehouse column name for a source name: lower case, runs of other characters as '_';
-    ``s_`` in front of a leading digit, a reserved name (``entity``, ``ts``, ``label``) or one
-    in ``taken``."""
-    cleaned = re.sub(r"[^a-z0-9]+", "_", str(name).strip().lower()).strip("_") or "sensor"
+    """A warehouse column name for a source name: accents dropped (``é`` -> ``e``), lower case,
+    runs of other characters as '_'. A name with letters or digits outside ASCII (``温度``,
+    ``Давление``) ends in ``_`` and ``HASH_DIGITS`` hex digits of its SHA-256, so that such names
+    stay distinct and stable (``sensor_<hash>`` when nothing else is left); ``s_`` in front of a
+    leading digit, a reserved name (``entity``, ``ts``, ``label``) or one in ``taken``."""
+    text = str(name).strip()
+    folded = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    cleaned = re.sub(r"[^a-z0-9]+", "_", folded.lower()).strip("_")
+    if any(c.isalnum() and not c.isascii() for c in folded):
+        digest = hashlib.sha256(text.encode()).hexdigest()[:HASH_DIGITS]
+        kept = cleaned[: 60 - HASH_DIGITS].rstrip("_")  # 63 with "s_" and "_<digest>"
+        cleaned = f"{kept or 'sensor'}_{digest}"
+    cleaned = cleaned or "sensor"
     clash = cleaned[0].isdigit() or cleaned in RESERVED or cleaned in taken
     return (f"s_{cleaned}" if clash else cleaned)[:63]
 

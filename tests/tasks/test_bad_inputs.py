@@ -345,6 +345,10 @@ def _integer_units(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.rename(columns={"machine": "unit"}).assign(unit=np.repeat([7, 8], ROWS))
 
 
+def _non_latin_names(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.rename(columns={"temp": "温度", "flow": "Давление"})
+
+
 def _one_row_each(frame: pd.DataFrame) -> pd.DataFrame:
     return _unlabelled(frame.groupby("machine").head(1))
 
@@ -359,8 +363,12 @@ def _one_row_each(frame: pd.DataFrame) -> pd.DataFrame:
         (_offsets_across_dst, lambda c: c.timestamp_timezone == "aware"),
         (_integer_units, lambda c: c.entity_column == "unit"),
         (_one_row_each, lambda c: c.min_rows_per_entity == 1),
+        (_non_latin_names, lambda c: [s.source for s in c.sensors] == ["温度", "Давление"]),
     ],
-    ids=["no label yet", "Time beside time", "inf", "empty sensor", "DST", "unit 7", "one row"],
+    ids=[
+        *("no label yet", "Time beside time", "inf", "empty sensor", "DST", "unit 7", "one row"),
+        "non-Latin sensor names",
+    ],
 )
 def test_draft_of_an_unusual_file_accepts_it(
     tmp_path: Path,

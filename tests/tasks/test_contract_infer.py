@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 
 from data_contracts import load_contract
-from data_contracts.contract import contract_from_dict
+from data_contracts.contract import check_identifier, contract_from_dict
 from tasks.contract_infer import infer_contract, sensor_identifier, write_contract
 from tasks.errors import AtpError, IngestError
 from tasks.ingest import to_wide
@@ -155,6 +156,16 @@ def test_sensor_identifier() -> None:
     assert sensor_identifier("Volume Flow RateRMS") == "volume_flow_raterms"
     assert sensor_identifier("2nd stage (bar)") == "s_2nd_stage_bar"
     assert sensor_identifier("%%") == "sensor"
+    assert sensor_identifier("Température (°C)") == "temperature_c"  # accents folded
+
+
+def test_non_latin_sensor_names_get_distinct_stable_identifiers() -> None:
+    names = ["温度", "流量", "Давление", "温度 (C)", "流量 (C)"]
+    ids = [sensor_identifier(n) for n in names]
+    digest = hashlib.sha256("温度".encode()).hexdigest()[:8]
+    assert ids[0] == f"sensor_{digest}" and ids[3].startswith("c_") and len(set(ids)) == 5
+    assert all(check_identifier(i, "sensor") for i in ids)
+    assert sensor_identifier("温度", taken={f"sensor_{digest}"}) == f"s_sensor_{digest}"
 
 
 LONG = {
