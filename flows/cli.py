@@ -143,7 +143,9 @@ def _parser() -> argparse.ArgumentParser:
     events = commands.add_parser("events", help="alarm events, newest first")
     events.add_argument("--source", help="only this source")
     events.add_argument("--all", action="store_true", help="closed events too, not only open")
-    events.add_argument("--limit", type=int, default=100)
+    events.add_argument(
+        "--limit", type=_non_negative, default=100, help="most events shown (default 100)"
+    )
 
     promote = commands.add_parser("promote", help="move the champion alias")
     promote.add_argument("--version", type=int, help="model version (default: the challenger)")
@@ -245,11 +247,22 @@ def _partitioning(args: argparse.Namespace) -> dict[str, Any]:
     return _given(partitions=args.partitions, task_runner=args.task_runner)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+def _at_least(low: int, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _at_least(1, text)
+
+
+def _non_negative(text: str) -> int:
+    return _at_least(0, text)
 
 
 def _csv(text: str, kind: type = str) -> tuple[Any, ...]:

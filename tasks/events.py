@@ -245,7 +245,14 @@ def _python(event: dict[str, Any]) -> dict[str, Any]:
 def list_events(
     warehouse_url: str, *, source: str | None = None, open_only: bool = True, limit: int = 100
 ) -> list[AlarmEvent]:
-    """Events of every source (or of ``source``), newest first; only open ones if ``open_only``."""
+    """At most ``limit`` events of every source (or of ``source``), newest first; only open ones
+    if ``open_only``.
+
+    Raises:
+        ValueError: ``limit`` is negative.
+    """
+    if limit < 0:
+        raise ValueError(f"limit must be at least 0, got {limit}")
     e = anomaly_events.c
     query = sa.select(
         e.source,
@@ -264,10 +271,9 @@ def list_events(
         query = query.where(e.source == source)
     if open_only:
         query = query.where(e.status == "open")
-    engine = get_engine(warehouse_url)
-    if not sa.inspect(engine).has_table(anomaly_events.name):
-        return []
-    with read_transaction(engine) as conn:
+    with read_transaction(get_engine(warehouse_url)) as conn:
+        if not sa.inspect(conn).has_table(anomaly_events.name):
+            return []
         rows = conn.execute(query.order_by(e.end_ts.desc(), e.entity).limit(limit)).all()
     return [AlarmEvent(*row[:9], [tuple(p) for p in json.loads(row[9])], row[10]) for row in rows]
 

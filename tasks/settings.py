@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.errors import AtpError
+
 QUIET_DEFAULTS = {
     "DO_NOT_TRACK": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -49,10 +51,17 @@ def _env() -> dict[str, str]:
 
 
 def get_settings() -> Settings:
-    """Resolve settings now from the environment (which wins) and ``./.env``; create the home."""
+    """Resolve settings now from the environment (which wins) and ``./.env``; create the home.
+
+    Raises:
+        AtpError: the home cannot be created (a file is in the way, no permission).
+    """
     env = _env()
     home = Path(env.get("ATP_HOME", ".atp")).expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise AtpError(f"ATP_HOME {home} cannot be a state directory: {error.strerror}") from None
     return Settings(
         home=home,
         warehouse_url=env.get("ATP_WAREHOUSE_URL") or f"sqlite:///{home / 'warehouse.db'}",

@@ -37,7 +37,12 @@ from sqlalchemy.engine import Connection, Engine
 
 from data_contracts.contract import Contract, check_identifier
 from tasks import alarm_tables, scores_store
-from tasks.errors import TRANSIENT_RETRIES, DataContractError, WarehouseUnavailableError
+from tasks.errors import (
+    TRANSIENT_RETRIES,
+    AtpError,
+    DataContractError,
+    WarehouseUnavailableError,
+)
 from tasks.staging import dialect_insert, naive_utc, stage_frame
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
@@ -47,6 +52,7 @@ METADATA = sa.MetaData()
 _ENGINES: dict[str, Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 Bind = Engine | Connection | str
+_URL_FORMS = "use sqlite:///PATH or postgresql+psycopg://USER@HOST[:PORT]/DATABASE"
 
 ingest_log = sa.Table(
     "ingest_log",
@@ -71,17 +77,39 @@ class EntityBounds:
 
 
 def get_engine(url: str) -> Engine:
-    """The process's engine for ``url`` (cached); ``postgresql://`` URLs use psycopg 3."""
+    """The process's engine for ``url`` (cached); see :func:`warehouse_url`."""
     with _ENGINES_LOCK:
         if url not in _ENGINES:
             _ENGINES[url] = _create_engine(url)
         return _ENGINES[url]
 
 
+def warehouse_url(url: str) -> sa.URL:
+    """``url`` parsed, ``postgresql://`` and ``postgres://`` as psycopg 3.
+
+    Raises:
+        AtpError: not a SQLAlchemy URL, or a database other than SQLite and PostgreSQL (the
+            text is not repeated when it does not parse: it may hold a password).
+    """
+    try:
+        parsed = sa.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        raise AtpError(
+            f"the warehouse URL is not a SQLAlchemy URL: {_URL_FORMS} (ATP_WAREHOUSE_URL)"
+        ) from None
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend in ("postgresql", "postgres") and driver in ("", "psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
+        return parsed
+    raise AtpError(
+        f"the warehouse at {redacted_url(parsed)} is not supported: {_URL_FORMS} "
+        "(ATP_WAREHOUSE_URL)"
+    )
+
+
 def _create_engine(url: str) -> Engine:
-    parsed = sa.make_url(url)
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
+    parsed = warehouse_url(url)
     if parsed.get_backend_name() != "sqlite":
         return sa.create_engine(parsed, pool_pre_ping=True)
     engine = sa.create_engine(parsed)

@@ -14,6 +14,7 @@ from tasks.errors import (
     WarehouseUnavailableError,
     is_transient,
 )
+from tasks.events import list_events
 from tasks.warehouse import list_entities, list_entities_task
 
 DEAD_URL = "postgresql+psycopg://postgres:s3cret@127.0.0.1:9/atp"  # port 9: nothing listens
@@ -47,3 +48,5 @@ def test_an_unreachable_warehouse_fails_clearly_without_the_password() -> None:
     assert "127.0.0.1:9" in message and "***" in message and "s3cret" not in message
     assert is_transient(caught.value)
     assert list_entities_task.retries == 3 and list_entities_task.retry_condition_fn is not None
+    with pytest.raises(WarehouseUnavailableError, match="127.0.0.1:9"):
+        list_events(DEAD_URL)

@@ -152,3 +152,35 @@ def test_a_retired_or_misspelt_training_parameter_is_refused() -> None:
         TrainFlowParams.model_validate({"model": {"d_model": 64}})
     with pytest.raises(ValidationError, match="max_epoch\n"):
         TrainFlowParams.model_validate({"training": {"max_epoch": 3}})
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "problem"),
+    [
+        ("ATP_HOME", "FILE", "cannot be a state directory: File exists"),
+        ("ATP_WAREHOUSE_URL", "warehouse.db", "the warehouse URL is not a SQLAlchemy URL"),
+        ("ATP_WAREHOUSE_URL", "mysql://atp:pw@db/atp", "mysql://atp:***@db/atp is not supported"),
+    ],
+)
+def test_unusable_settings_exit_2_naming_the_setting(
+    setting: str,
+    value: str,
+    problem: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "FILE").touch()
+    monkeypatch.setenv("ATP_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(setting, str(tmp_path / value) if value == "FILE" else value)
+    assert main(["events"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("atp events: ") and problem in error and "pw" not in error
+
+
+def test_events_limit_must_not_be_negative(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        _parser().parse_args(["events", "--limit=-1"])
+    assert exited.value.code == 2
+    assert "argument --limit: must be at least 0, got -1" in capsys.readouterr().err
+    assert _parser().parse_args(["events", "--limit=0"]).limit == 0

@@ -157,3 +157,10 @@ def test_an_open_event_is_extended_then_closed_and_listed(url: str) -> None:
     assert event.status == "open" and event.top_sensors[0][0] in {"m01", "m03"}
     _write(url, _scores(".", offset=12), rules)
     assert list_events(url) == [] and len(list_events(url, open_only=False)) == 1
+
+
+def test_a_negative_limit_is_refused_on_every_warehouse(url: str) -> None:
+    _write(url, _scores("XX"), EventRules())
+    assert list_events(url, limit=0) == []
+    with pytest.raises(ValueError, match="limit must be at least 0, got -1"):
+        list_events(url, limit=-1)
