@@ -194,6 +194,18 @@ def read_transaction(bind: Bind) -> AbstractContextManager[Connection]:
     return _transaction(bind, read_only=True)
 
 
+@contextmanager
+def _reading(bind: Bind, contract: Contract) -> Iterator[Connection]:
+    """A read transaction on ``contract``'s readings; AtpError if the source was never loaded."""
+    with read_transaction(bind) as conn:
+        if not sa.inspect(conn).has_table(contract.table_name):
+            raise AtpError(
+                f"no readings of source {contract.name!r} in the warehouse (no table "
+                f"{contract.table_name}): load them first (atp ingest)"
+            )
+        yield conn
+
+
 def readings_table(contract: Contract, metadata: sa.MetaData) -> sa.Table:
     """``<name>_readings``: entity, ts (naive UTC), a float per sensor, label if labelled."""
     return sa.Table(
@@ -333,7 +345,7 @@ def read_readings(
         query = query.where(table.c.ts > naive_utc(after))
     context = None if limit_before is None else _context(table, entity, start, after, limit_before)
     lookahead = None if limit_after is None else _lookahead(table, entity, end, limit_after)
-    with _transaction(bind, read_only=True) as conn:
+    with _reading(bind, contract) as conn:
         rows = conn.execute(query.order_by(table.c.entity, table.c.ts)).all()
         if context is not None:
             rows = conn.execute(context).all()[::-1] + rows
@@ -348,7 +360,7 @@ def read_readings(
 def list_entities(bind: Bind, contract: Contract) -> list[str]:
     """The entities of a source, sorted."""
     table = readings_table(contract, sa.MetaData())
-    with _transaction(bind, read_only=True) as conn:
+    with _reading(bind, contract) as conn:
         return list(conn.scalars(sa.select(table.c.entity).distinct().order_by(table.c.entity)))
 
 
@@ -369,7 +381,7 @@ def entity_bounds(bind: Bind, contract: Contract) -> dict[str, EntityBounds]:
         .group_by(table.c.entity)
         .order_by(table.c.entity)
     )
-    with _transaction(bind, read_only=True) as conn:
+    with _reading(bind, contract) as conn:
         return {row[0]: EntityBounds(*row) for row in conn.execute(query)}
 
 

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from prefect.states import Failed
 
 from data_contracts.contract import Contract, SensorRule, load_contract
-from tasks.errors import DataContractError
+from tasks.errors import AtpError, DataContractError
 from tasks.scores_store import (
     Watermark,
     anomaly_scores,
@@ -226,6 +226,13 @@ def test_empty_read_keeps_the_dtypes(engine: sa.Engine) -> None:
     assert frame.empty
     assert str(frame["ts"].dtype) == "datetime64[us]" and str(frame["label"].dtype) == "Int64"
     assert frame.dtypes[SMD.sensor_names].eq(np.float32).all()
+
+
+def test_reading_a_source_never_loaded_is_refused_naming_it(engine: sa.Engine) -> None:
+    nab = load_contract("nab")
+    for read in (list_entities, entity_bounds, read_readings):
+        with pytest.raises(AtpError, match="no readings of source 'nab' .*atp ingest"):
+            read(engine, nab)
 
 
 def test_entities_and_their_bounds(engine: sa.Engine) -> None:
