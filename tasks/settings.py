@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dotenv import dotenv_values
+
 from tasks.errors import AtpError
 
 QUIET_DEFAULTS = {
@@ -33,17 +35,11 @@ class Settings:
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
-    """Parse ``KEY=VALUE`` lines of a .env file (comments and blank lines ignored)."""
+    """The ``KEY=VALUE`` settings of a .env file, parsed by python-dotenv as Prefect parses the
+    same file (quotes, ``export``, ``# comments`` after a value); keys without a value skipped."""
     if not path.is_file():
         return {}
-    values: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        values[key.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
-    return values
+    return {key: value for key, value in dotenv_values(path).items() if value is not None}
 
 
 def _env() -> dict[str, str]:

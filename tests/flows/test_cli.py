@@ -20,6 +20,7 @@ from flows.cli import (
 )
 from flows.ingest import Kind
 from flows.params import TrainFlowParams, TrainingParams
+from tasks.settings import get_settings
 
 
 def test_ingest_choices_are_the_ingest_flow_kinds() -> None:
@@ -184,3 +185,25 @@ def test_events_limit_must_not_be_negative(capsys: pytest.CaptureFixture[str]) -
     assert exited.value.code == 2
     assert "argument --limit: must be at least 0, got -1" in capsys.readouterr().err
     assert _parser().parse_args(["events", "--limit=0"]).limit == 0
+
+
+def test_dotenv_settings_are_read_as_prefect_reads_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Values may carry quotes, ``export`` and a trailing comment; the environment wins."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("ATP_HOME", "ATP_WAREHOUSE_URL", "ATP_MODEL_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / ".env").write_text(
+        "# state\n"
+        "export ATP_HOME=state  # one folder per host\n"
+        'ATP_WAREHOUSE_URL="sqlite:///w.db"  # the embedded warehouse\n'
+        "ATP_MODEL_NAME='detector #2'\n"
+        "ATP_DASK_ADDRESS\n"
+    )
+    settings = get_settings()
+    assert settings.home == tmp_path / "state" and settings.home.is_dir()
+    assert (settings.warehouse_url, settings.model_name) == ("sqlite:///w.db", "detector #2")
+    assert settings.dask_address is None
+    monkeypatch.setenv("ATP_MODEL_NAME", "from-env")
+    assert get_settings().model_name == "from-env"
