@@ -214,20 +214,24 @@ def _client() -> MlflowClient:
     return MlflowClient(get_settings().mlflow_tracking_uri)
 
 
-def _aliases(client: MlflowClient, model_name: str) -> dict[str, int] | None:
-    """The registered model's aliases, or ``None`` when no model has that name."""
+def registered_aliases(client: MlflowClient, model_name: str) -> dict[str, int] | None:
+    """The registered model's aliases, or ``None`` when no model has that name.
+
+    Raises:
+        ModelRegistryError: the registry cannot be read (server away, after MLflow's own retries).
+    """
     try:
         registered = client.get_registered_model(model_name)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
-        raise
+        raise ModelRegistryError(f"the model registry cannot be read: {exc.message}") from exc
     return {alias: int(version) for alias, version in registered.aliases.items()}
 
 
 def get_alias_version(model_name: str, alias: str) -> int | None:
     """The version ``alias`` points to now, or ``None`` (no such model or alias)."""
-    return (_aliases(_client(), model_name) or {}).get(alias)
+    return (registered_aliases(_client(), model_name) or {}).get(alias)
 
 
 def set_alias(model_name: str, alias: str, version: int) -> None:
@@ -275,7 +279,7 @@ def load_model_version(model_name: str, alias: str) -> LoadedModel:
             sha256 differs from the one recorded at registration. Never falls back to another model.
     """
     client = _client()
-    aliases = _aliases(client, model_name)
+    aliases = registered_aliases(client, model_name)
     if aliases is None:
         raise ModelRegistryError(f"no registered model named {model_name!r}: register one first")
     if alias not in aliases:

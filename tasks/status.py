@@ -110,15 +110,12 @@ def _entity_rows(conn: sa.Connection, source: str) -> list[EntityStatus]:
 def model_status(tracking_uri: str, model_name: str) -> list[ModelStatus]:
     """Every alias of ``model_name`` with its run's headline metrics; empty when unregistered."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+
+    from tasks.registry import registered_aliases
 
     client = MlflowClient(tracking_uri)
-    try:
-        aliases = client.get_registered_model(model_name).aliases
-    except MlflowException:
-        return []
     found = []
-    for alias, version in sorted(aliases.items()):
+    for alias, version in sorted((registered_aliases(client, model_name) or {}).items()):
         run_id = client.get_model_version(model_name, str(version)).run_id or ""
         metrics = client.get_run(run_id).data.metrics if run_id else {}
         found.append(

@@ -38,6 +38,7 @@ from tasks.registry import (
     promote,
     set_alias,
 )
+from tasks.status import model_status
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "toy-detector"
@@ -352,6 +353,18 @@ def test_missing_alias_or_model_is_refused_with_a_clear_message(
     aliases = r"\(aliases: \{'challenger': 1\}\)"
     with pytest.raises(ModelRegistryError, match=f"has no alias 'champion' {aliases}"):
         load_model_version(NAME, CHAMPION)
+
+
+def test_an_unreachable_registry_is_refused_not_taken_for_an_empty_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``atp promote``/``score`` fail naming the outage (no MlflowException traceback), and
+    ``atp status`` does not report "no models" while the registry is away."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # port 9: nothing listens
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    for call in (lambda: promote(NAME), lambda: model_status("http://127.0.0.1:9", NAME)):
+        with pytest.raises(ModelRegistryError, match="registry cannot be read: .*127.0.0.1"):
+            call()
 
 
 def test_registration_needs_an_experiment_and_a_full_window_example(
