@@ -153,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the scheduled scoring deployment locally")
     serve.add_argument("--source", default="smd")
     serve.add_argument("--cron", default="*/5 * * * *", help="cron schedule (default every 5 min)")
-    serve.add_argument("--interval", type=int, help="seconds between runs (overrides --cron)")
+    serve.add_argument("--interval", type=_positive, help="seconds between runs (overrides --cron)")
 
     benchmark = commands.add_parser(
         "benchmark", help="detectors on a benchmark folder, honest and reference protocols"

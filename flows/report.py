@@ -71,18 +71,25 @@ def serve_scoring(source: str, *, cron: str, interval: int | None) -> None:
     """Serve the scoring flow on a schedule from this process (Ctrl-C stops it).
 
     Raises:
-        AtpError: no Prefect server (``PREFECT_API_URL`` unset): the temporary API a command
-            starts without one runs no scheduler, so no scheduled run would ever start.
+        AtpError: an invalid cron expression, or no Prefect server (``PREFECT_API_URL`` unset):
+            the temporary API a command starts without one runs no scheduler, so no scheduled
+            run would ever start.
     """
+    from prefect.schedules import Cron, Interval
     from prefect.settings import PREFECT_API_URL
 
     from flows.scoring import scoring_flow
 
+    try:
+        schedule = Interval(interval) if interval is not None else Cron(cron)
+    except ValueError as error:
+        raise AtpError(f"--cron {cron!r}: {error}") from None
     if not PREFECT_API_URL.value():
         raise AtpError(
             "a schedule needs a Prefect server: run `prefect server start` and set "
             "PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
 
-    schedule: dict[str, Any] = {"interval": interval} if interval else {"cron": cron}
-    scoring_flow.serve(name=f"score-{source}", parameters={"source": source}, limit=1, **schedule)
+    scoring_flow.serve(
+        name=f"score-{source}", parameters={"source": source}, limit=1, schedule=schedule
+    )
