@@ -126,10 +126,14 @@ def _parser() -> argparse.ArgumentParser:
     backfill.add_argument("--alias", default="champion")
     for command in (score, backfill):
         command.add_argument(
-            "--event-gap", type=int, help="quiet points that still join two alarms (default 10)"
+            "--event-gap",
+            type=_non_negative,
+            help="quiet points that still join two alarms (default 10)",
         )
         command.add_argument(
-            "--event-min-length", type=int, help="fewest alarm points in an event (default 1)"
+            "--event-min-length",
+            type=_positive,
+            help="fewest alarm points in an event (default 1)",
         )
         command.add_argument(
             "--partitions", type=_positive, help="groups of entities scored at once (default 1)"

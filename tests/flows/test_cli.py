@@ -179,12 +179,29 @@ def test_unusable_settings_exit_2_naming_the_setting(
     assert error.startswith("atp events: ") and problem in error and "pw" not in error
 
 
-def test_events_limit_must_not_be_negative(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("command", "option", "low"),
+    [
+        (["events"], "limit", 0),
+        (["score"], "event-gap", 0),
+        (["backfill"], "event-gap", 0),
+        (["score"], "event-min-length", 1),
+        (["backfill"], "event-min-length", 1),
+    ],
+)
+def test_counts_below_their_least_value_are_refused_by_the_parser(
+    command: list[str], option: str, low: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not in the flow: events --limit=-1 listed everything on SQLite and failed on PostgreSQL;
+    --event-gap=-1 failed with a ValueError traceback once a chunk was written."""
     with pytest.raises(SystemExit) as exited:
-        _parser().parse_args(["events", "--limit=-1"])
+        _parser().parse_args([*command, f"--{option}={low - 1}"])
     assert exited.value.code == 2
-    assert "argument --limit: must be at least 0, got -1" in capsys.readouterr().err
-    assert _parser().parse_args(["events", "--limit=0"]).limit == 0
+    assert f"argument --{option}: must be at least {low}, got {low - 1}" in capsys.readouterr().err
+    assert (
+        getattr(_parser().parse_args([*command, f"--{option}={low}"]), option.replace("-", "_"))
+        == low
+    )
 
 
 def test_dotenv_settings_are_read_as_prefect_reads_them(
