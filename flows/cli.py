@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -19,6 +20,8 @@ TRAIN_MODELS = ["anomaly_transformer", "pca", "knn", "max_z", "isolation_forest"
 TRAIN_PRESETS = ["default", "reference", "demo"]
 # TrainFlowParams.scoring_method's values, likewise.
 SCORING_METHODS = ["recon_mean_norm", "recon_mean", "recon_last", "reference_last"]
+# Prefect's loggers of flow and task runs, which log a failed run's exception.
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -333,17 +336,37 @@ def _run(args: argparse.Namespace) -> object:
     raise AssertionError(args.command)
 
 
+def _refusals() -> tuple[type[Exception], ...]:
+    """The errors that are deliberate refusals: their message is the whole story."""
+    from data_contracts.contract import ContractError
+    from tasks.errors import AtpError
+
+    return AtpError, ContractError
+
+
+class _RefusalsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed run's exception with its traceback; a refusal's message is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], _refusals()):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_REFUSAL_FILTER = _RefusalsWithoutTraceback()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``atp`` console script."""
     args = _parser().parse_args(argv)
     apply_quiet_defaults()
-    from data_contracts.contract import ContractError
     from flows.report import print_result
-    from tasks.errors import AtpError
 
+    for name in RUN_LOGGERS:
+        logging.getLogger(name).addFilter(_REFUSAL_FILTER)
     try:
         print_result(_run(args))
-    except (AtpError, ContractError) as error:
+    except _refusals() as error:
         print(f"atp {args.command}: {error}", file=sys.stderr)
         return 2
     return 0

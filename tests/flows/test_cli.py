@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import get_args
 
@@ -224,3 +225,21 @@ def test_dotenv_settings_are_read_as_prefect_reads_them(
     assert settings.dask_address is None
     monkeypatch.setenv("ATP_MODEL_NAME", "from-env")
     assert get_settings().model_name == "from-env"
+
+
+def test_a_refusal_inside_a_flow_is_logged_without_a_traceback(
+    atp_env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Prefect logs a failed run's exception with its traceback: not for a deliberate refusal."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("prefect.flow_runs")
+    logger.addHandler(handler)
+    try:
+        assert main(["score", "--source=nosuch"]) == 2
+    finally:
+        logger.removeHandler(handler)
+    assert "atp score: no data contract 'nosuch'" in capsys.readouterr().err
+    (failure,) = [r for r in records if "Encountered exception" in r.getMessage()]
+    assert "no data contract 'nosuch'" in failure.getMessage() and failure.exc_info is None
