@@ -173,8 +173,9 @@ def connect(engine: Engine) -> Connection:
     try:
         return engine.connect()
     except sa.exc.OperationalError as error:
+        reason = " ".join(str(error.orig).split())  # libpq's message spans lines
         raise WarehouseUnavailableError(
-            f"the warehouse at {redacted_url(engine.url)} cannot be reached: {error.orig}"
+            f"the warehouse at {redacted_url(engine.url)} cannot be reached: {reason}"
         ) from error
 
 

@@ -46,6 +46,7 @@ def test_an_unreachable_warehouse_fails_clearly_without_the_password() -> None:
         list_entities(DEAD_URL, SMD)
     message = str(caught.value)
     assert "127.0.0.1:9" in message and "***" in message and "s3cret" not in message
+    assert "\n" not in message  # the CLI's one-line refusal
     assert is_transient(caught.value)
     assert list_entities_task.retries == 3 and list_entities_task.retry_condition_fn is not None
     with pytest.raises(WarehouseUnavailableError, match="127.0.0.1:9"):
