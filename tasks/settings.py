@@ -47,13 +47,14 @@ def _env() -> dict[str, str]:
 
 
 def get_settings() -> Settings:
-    """Resolve settings now from the environment (which wins) and ``./.env``; create the home.
+    """Resolve settings now from the environment (which wins) and ``./.env``, an empty value as
+    unset; create the home.
 
     Raises:
         AtpError: the home cannot be created (a file is in the way, no permission).
     """
     env = _env()
-    home = Path(env.get("ATP_HOME", ".atp")).expanduser().resolve()
+    home = Path(env.get("ATP_HOME") or ".atp").expanduser().resolve()
     try:
         home.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -62,7 +63,7 @@ def get_settings() -> Settings:
         home=home,
         warehouse_url=env.get("ATP_WAREHOUSE_URL") or f"sqlite:///{home / 'warehouse.db'}",
         mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
-        model_name=env.get("ATP_MODEL_NAME", "anomaly-transformer"),
+        model_name=env.get("ATP_MODEL_NAME") or "anomaly-transformer",
         dask_address=env.get("ATP_DASK_ADDRESS") or None,
     )
 

@@ -243,3 +243,16 @@ def test_a_refusal_inside_a_flow_is_logged_without_a_traceback(
     assert "atp score: no data contract 'nosuch'" in capsys.readouterr().err
     (failure,) = [r for r in records if "Encountered exception" in r.getMessage()]
     assert "no data contract 'nosuch'" in failure.getMessage() and failure.exc_info is None
+
+
+def test_empty_settings_take_their_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ATP_HOME=`` put the state (warehouse, MLflow store) in the working directory itself."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("ATP_HOME", "ATP_WAREHOUSE_URL", "MLFLOW_TRACKING_URI", "ATP_MODEL_NAME"):
+        monkeypatch.setenv(name, "")
+    settings = get_settings()
+    assert settings.home == tmp_path / ".atp"
+    assert settings.warehouse_url == f"sqlite:///{tmp_path / '.atp' / 'warehouse.db'}"
+    assert settings.model_name == "anomaly-transformer"
