@@ -74,16 +74,19 @@ def serve_scoring(source: str, *, cron: str, interval: int | None) -> None:
         AtpError: an invalid cron expression, or no Prefect server (``PREFECT_API_URL`` unset):
             the temporary API a command starts without one runs no scheduler, so no scheduled
             run would ever start.
+        ContractError: no data contract named ``source`` (every scheduled run would fail).
     """
     from prefect.schedules import Cron, Interval
     from prefect.settings import PREFECT_API_URL
 
+    from data_contracts import load_contract
     from flows.scoring import scoring_flow
 
     try:
         schedule = Interval(interval) if interval is not None else Cron(cron)
     except ValueError as error:
         raise AtpError(f"--cron {cron!r}: {error}") from None
+    load_contract(source)
     if not PREFECT_API_URL.value():
         raise AtpError(
             "a schedule needs a Prefect server: run `prefect server start` and set "

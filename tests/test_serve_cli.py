@@ -27,3 +27,9 @@ def test_serve_refuses_a_schedule_that_cannot_run(capsys: pytest.CaptureFixture[
             main(["serve", "--interval", interval])
         assert exited.value.code == 2
         assert f"argument --interval: must be at least 1, got {interval}" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_source_without_a_contract(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every scheduled run would fail on it; the command says so before serving."""
+    assert main(["serve", "--source", "nosuch"]) == 2
+    assert "atp serve: no data contract 'nosuch'" in capsys.readouterr().err
