@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from dotenv import dotenv_values
 
 CONTRACT_DIR = Path(__file__).parent
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -268,8 +269,10 @@ def contract_from_dict(raw: dict[str, Any]) -> Contract:
 
 
 def user_contract_dir() -> Path:
-    """Where ingest keeps the contracts it was given by path: ``$ATP_HOME/contracts``."""
-    return Path(os.environ.get("ATP_HOME", ".atp")).expanduser().resolve() / "contracts"
+    """Where ingest keeps the contracts it was given by path: ``$ATP_HOME/contracts``, ATP_HOME
+    resolved as ``tasks.settings`` resolves it (the environment, else ``./.env``; empty: unset)."""
+    home = os.environ.get("ATP_HOME") or dotenv_values(Path.cwd() / ".env").get("ATP_HOME")
+    return Path(home or ".atp").expanduser().resolve() / "contracts"
 
 
 def is_contract_path(name_or_path: str | Path) -> bool:

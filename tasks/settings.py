@@ -43,7 +43,8 @@ def read_dotenv(path: Path) -> dict[str, str]:
 
 
 def _env() -> dict[str, str]:
-    return {**read_dotenv(Path.cwd() / ".env"), **os.environ}
+    """``./.env`` under the environment's non-empty values (an empty one counts as unset)."""
+    return {**read_dotenv(Path.cwd() / ".env"), **{k: v for k, v in os.environ.items() if v}}
 
 
 def get_settings() -> Settings:

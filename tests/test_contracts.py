@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from data_contracts import list_contracts, load_contract
-from data_contracts.contract import check_identifier, contract_from_dict
+from data_contracts.contract import check_identifier, contract_from_dict, user_contract_dir
 from data_contracts.gx_suite import build_suite
 
 
@@ -106,6 +106,20 @@ def test_a_contract_path_is_read_whatever_the_case_of_its_suffix(
     path = tmp_path / f"plant{suffix}"
     path.write_text("name: plant\nversion: 1\nsensors: {columns: [a]}\n")
     assert load_contract(path).name == load_contract(str(path)).name == "plant"
+
+
+def test_user_contracts_live_under_the_home_the_settings_resolve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ATP_HOME from ``./.env`` (no environment variable) holds the registered contracts too."""
+    from tasks.settings import get_settings
+
+    monkeypatch.delenv("ATP_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("ATP_HOME=state  # kept apart\n")
+    assert user_contract_dir() == get_settings().home / "contracts" == tmp_path / "state/contracts"
+    monkeypatch.setenv("ATP_HOME", "")  # empty: unset, so ./.env still decides
+    assert user_contract_dir() == get_settings().home / "contracts" == tmp_path / "state/contracts"
 
 
 def test_check_identifier() -> None:
