@@ -12,6 +12,7 @@ from tasks.scoring import (
     EntityResult,
     ScoringOptions,
     ThresholdMode,
+    backfill_bounds,
     backfill_range_task,
     score_new_rows_task,
 )
@@ -79,6 +80,7 @@ def backfill_flow(
     settings = get_settings()
     contract = load_contract(source)
     options = ScoringOptions(event_gap=event_gap, event_min_length=event_min_length)
+    start, end = backfill_bounds(start, end)
     loaded = load_model_version_task(settings.model_name, alias)
     groups = split_entities(list_entities_task(settings.warehouse_url, contract), partitions)
     return map_partitions(

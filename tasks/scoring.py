@@ -34,10 +34,11 @@ from tasks.adaptive_threshold import DEFAULT_GAMMA, apply_adaptive
 from tasks.alarm_rule import alarm_rule
 from tasks.alarm_tables import lock_entity
 from tasks.drift_monitor import check_batch, record_drift
-from tasks.errors import DataContractError, ModelRegistryError
+from tasks.errors import AtpError, DataContractError, ModelRegistryError
 from tasks.events import EventRules, refresh_events
 from tasks.registry import LoadedModel
 from tasks.scores_store import Watermark, first_provisional, get_watermark, write_scores
+from tasks.staging import naive_utc
 from tasks.validate import validate_readings
 from tasks.warehouse import get_engine, read_readings, read_transaction
 
@@ -132,6 +133,13 @@ class ScoringOptions:
     event_min_length: int = EventRules.min_length
     gamma: float = DEFAULT_GAMMA
     check_drift: bool = True
+
+    def __post_init__(self) -> None:
+        """Refuse event rules no event can follow before any row is scored."""
+        try:
+            EventRules(self.event_gap, self.event_min_length)
+        except ValueError as error:
+            raise AtpError(str(error)) from None
 
     @property
     def event_rules(self) -> EventRules:
@@ -429,6 +437,17 @@ def score_new_rows(
     )
 
 
+def backfill_bounds(
+    start: datetime | None, end: datetime | None
+) -> tuple[datetime | None, datetime | None]:
+    """``start`` and ``end`` as the warehouse stores timestamps (naive UTC; an offset is converted);
+    AtpError when ``start`` is after ``end``."""
+    start, end = (None if t is None else naive_utc(t) for t in (start, end))
+    if start is not None and end is not None and start > end:
+        raise AtpError(f"backfill: start {start} is after end {end} (UTC)")
+    return start, end
+
+
 def backfill_range(
     warehouse_url: str,
     contract: Contract,
@@ -445,8 +464,9 @@ def backfill_range(
 
     Always the static threshold and no drift checks (``options`` gives the event rules only), so
     a backfill of a range writes the same rows whenever it runs. Validation as in
-    :func:`score_new_rows`.
+    :func:`score_new_rows`. Bounds as :func:`backfill_bounds` reads them.
     """
+    start, end = backfill_bounds(start, end)
     engine = get_engine(warehouse_url)
     return _score_entities(
         engine,

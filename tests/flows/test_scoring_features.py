@@ -7,7 +7,7 @@ training: what they check is what scoring does with any model's scores.
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from model.scoring import score_series
 from model.thresholds import conformal_threshold
 from tasks.alarm_tables import adaptive_state, anomaly_events, drift_flags
 from tasks.drift_monitor import NO_PROFILE, latest_drift
-from tasks.errors import DataContractError
+from tasks.errors import AtpError, DataContractError
 from tasks.events import EventRules, derive_events
 from tasks.ingest import read_smd
 from tasks.registry import configure_tracking, load_model_version, log_and_register, set_alias
@@ -180,6 +180,31 @@ def test_events_and_drift_agree_across_split_runs_and_backfills(readings: pd.Dat
     listed = events_flow(open_only=False, limit=1000)
     assert len(listed) == len(scheduled)
     assert [e.status for e in events_flow()] == ["open"] * len(open_events)
+
+
+def test_backfill_bounds_with_an_offset_are_utc_and_unusable_bounds_or_rules_are_refused(
+    readings: pd.DataFrame,
+) -> None:
+    url = get_settings().warehouse_url
+    _load(url, readings)
+    naive = backfill_flow(source="smd", start=datetime(2020, 1, 1, 6), end=datetime(2020, 1, 1, 7))
+    plus_two = timezone(timedelta(hours=2))
+    aware = backfill_flow(
+        source="smd",
+        start=datetime(2020, 1, 1, 8, tzinfo=plus_two),
+        end=datetime(2020, 1, 1, 9, tzinfo=plus_two),
+    )
+    assert [(r.entity, r.scored) for r in aware] == [(r.entity, r.scored) for r in naive]
+    assert {r.scored for r in naive} == {60}
+    written = _table(url, anomaly_scores, *SCORE_COLUMNS)
+    assert written["ts"].min() == pd.Timestamp("2020-01-01 06:00") and len(written) == 120
+    with pytest.raises(AtpError, match="start 2020-01-01 07:00:00 is after end 2020-01-01 06:00"):
+        backfill_flow(source="smd", start=datetime(2020, 1, 1, 7), end=datetime(2020, 1, 1, 6))
+    with pytest.raises(AtpError, match="event rule gap must be an int >= 0, got -1"):
+        backfill_flow(source="smd", event_gap=-1)
+    with pytest.raises(AtpError, match="event rule min_length must be an int >= 1, got 0"):
+        scoring_flow(source="smd", event_min_length=0)
+    pd.testing.assert_frame_equal(_table(url, anomaly_scores, *SCORE_COLUMNS), written)
 
 
 def test_adaptive_mode_carries_its_state_across_batches_and_runs(readings: pd.DataFrame) -> None:
