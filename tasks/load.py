@@ -22,15 +22,17 @@ from data_contracts.contract import (
 from tasks.errors import DataContractError, IngestError
 from tasks.ingest import read_smd, read_table, to_wide
 from tasks.loaders import LOADERS
+from tasks.scores_store import late_rows
 from tasks.validate import coerce_readings, validate_readings
-from tasks.warehouse import ensure_schema, get_engine, upsert_readings
+from tasks.warehouse import ensure_schema, get_engine, read_transaction, upsert_readings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class IngestSummary:
-    """What one ingest run read and how many rows were new to the warehouse."""
+    """What one ingest run read, how many rows were new to the warehouse, and the entities whose
+    rows before their scoring watermark hold no score (late: only a backfill scores them)."""
 
     source: str
     path: str
@@ -38,6 +40,7 @@ class IngestSummary:
     rows_new: int
     entities: tuple[str, ...]
     skipped: tuple[str, ...]
+    late: tuple[str, ...] = ()
 
 
 def load_frame(
@@ -63,8 +66,27 @@ def load_frame(
     for note in notes:
         log.info("repaired %s", note)
     entities = tuple(sorted(readings["entity"].astype(str).unique()))
+    with read_transaction(engine) as conn:
+        late = list(late_rows(conn, contract.name, entities).values())
+    if late:
+        start, end = min(r.first_ts for r in late), max(r.watermark for r in late)
+        log.warning(
+            "%d rows of %d entities lie before their scoring watermark, which scheduled scoring "
+            "has passed; to score them: atp backfill --source %s --start %s --end %s",
+            sum(r.rows for r in late),
+            len(late),
+            contract.name,
+            start.isoformat(),
+            end.isoformat(),
+        )
     return IngestSummary(
-        contract.name, str(path), len(readings), rows_new, entities, tuple(skipped)
+        contract.name,
+        str(path),
+        len(readings),
+        rows_new,
+        entities,
+        tuple(skipped),
+        tuple(str(r) for r in late),
     )
 
 

@@ -80,6 +80,59 @@ def get_watermark(conn: Connection, source: str, entity: str, model_name: str) -
     return None if row is None else Watermark(*row)
 
 
+@dataclass(frozen=True)
+class LateRows:
+    """Readings of one entity from before its scoring watermark that hold no score (they arrived
+    after scoring passed their time): scheduled scoring, which scores what follows the watermark,
+    never reaches them; ``atp backfill --start first_ts --end watermark`` scores them."""
+
+    entity: str
+    rows: int
+    first_ts: datetime
+    watermark: datetime
+
+    def __str__(self) -> str:
+        return f"{self.entity}: {self.rows} rows from {self.first_ts}, before {self.watermark}"
+
+
+def late_rows(
+    conn: Connection, source: str, entities: Sequence[str] | None = None
+) -> dict[str, LateRows]:
+    """Per entity of ``source`` (of ``entities`` only, when given) with late rows: see
+    :class:`LateRows`. The watermark is the furthest of any model's; a score of any model counts."""
+    check_identifier(source, "source")
+    readings = sa.table(
+        f"{source}_readings", sa.column("entity", sa.String), sa.column("ts", sa.DateTime)
+    )
+    w, s = scoring_watermarks.c, anomaly_scores.c
+    marks = (
+        sa.select(w.entity, sa.func.max(w.last_ts).label("last_ts"))
+        .where(w.source == source)
+        .group_by(w.entity)
+        .subquery()
+    )
+    scored = sa.exists().where(
+        s.source == source, s.entity == readings.c.entity, s.ts == readings.c.ts
+    )
+    query = (
+        sa.select(
+            readings.c.entity,
+            sa.func.count(),
+            sa.func.min(readings.c.ts),
+            sa.func.max(marks.c.last_ts),
+        )
+        .join(marks, marks.c.entity == readings.c.entity)
+        .where(readings.c.ts < marks.c.last_ts, ~scored)
+        .group_by(readings.c.entity)
+    )
+    if entities is not None:
+        query = query.where(readings.c.entity.in_(list(entities)))
+    return {
+        entity: LateRows(entity, int(count), first, mark)
+        for entity, count, first, mark in conn.execute(query)
+    }
+
+
 def first_provisional(
     conn: Connection, source: str, entity: str, model_name: str
 ) -> datetime | None:

@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from data_contracts.contract import check_identifier
 from tasks.alarm_tables import anomaly_events
 from tasks.drift_monitor import DriftState, latest_drift
-from tasks.scores_store import anomaly_scores, scoring_watermarks
+from tasks.scores_store import anomaly_scores, late_rows, scoring_watermarks
 from tasks.warehouse import get_engine, read_transaction
 
 READINGS_SUFFIX = "_readings"
@@ -20,7 +20,9 @@ READINGS_SUFFIX = "_readings"
 
 @dataclass(frozen=True)
 class EntityStatus:
-    """One entity of one source: its rows, how far it is scored, its alarms and open events."""
+    """One entity of one source: its rows, how far it is scored (``unscored_rows`` after the
+    watermark; ``late_rows`` before it without a score, which only a backfill scores), its alarms
+    and open events."""
 
     source: str
     entity: str
@@ -28,6 +30,7 @@ class EntityStatus:
     last_ts: str
     scored_until: str | None
     unscored_rows: int
+    late_rows: int
     anomalies: int
     open_events: int
 
@@ -77,6 +80,7 @@ def _entity_rows(conn: sa.Connection, source: str) -> list[EntityStatus]:
     )
     alarms = _count_by_entity(conn, anomaly_scores, s.source == source, s.is_anomaly)
     events = _count_by_entity(conn, anomaly_events, e.source == source, e.status == "open")
+    late = late_rows(conn, source)
     rows = []
     query = sa.select(readings.c.entity, sa.func.count(), sa.func.max(readings.c.ts)).group_by(
         readings.c.entity
@@ -100,6 +104,7 @@ def _entity_rows(conn: sa.Connection, source: str) -> list[EntityStatus]:
                 str(last_ts),
                 None if mark is None else str(mark),
                 int(unscored or 0),
+                late[entity].rows if entity in late else 0,
                 alarms.get(entity, 0),
                 events.get(entity, 0),
             )

@@ -32,6 +32,7 @@ from tasks.drift_monitor import NO_PROFILE, latest_drift
 from tasks.errors import AtpError, DataContractError
 from tasks.events import EventRules, derive_events
 from tasks.ingest import read_smd
+from tasks.load import load_frame
 from tasks.registry import configure_tracking, load_model_version, log_and_register, set_alias
 from tasks.scores_store import anomaly_scores
 from tasks.settings import get_settings
@@ -205,6 +206,28 @@ def test_backfill_bounds_with_an_offset_are_utc_and_unusable_bounds_or_rules_are
     with pytest.raises(AtpError, match="event rule min_length must be an int >= 1, got 0"):
         scoring_flow(source="smd", event_min_length=0)
     pd.testing.assert_frame_equal(_table(url, anomaly_scores, *SCORE_COLUMNS), written)
+
+
+def test_rows_that_arrive_behind_the_watermark_are_reported_until_a_backfill_scores_them(
+    readings: pd.DataFrame,
+) -> None:
+    url, contract = get_settings().warehouse_url, load_contract("smd")
+    stamps = readings["ts"]
+    gap = (readings["entity"] == PROFILED) & stamps.between("2020-01-01 06:00", "2020-01-01 06:09")
+    _load(url, readings[~gap])
+    scoring_flow(source="smd")
+    summary = load_frame(url, contract, readings, path=Path("late.csv"), skipped=[])
+    assert summary.rows_new == 10
+    late = f"{PROFILED}: 10 rows from 2020-01-01 06:00:00, before 2020-01-01 08:19:00"
+    assert summary.late == (late,)
+    status = {e.entity: e for e in status_flow().entities}
+    assert {e: (s.unscored_rows, s.late_rows) for e, s in status.items()} == {
+        PROFILED: (0, 10),
+        "machine-9-2": (0, 0),
+    }
+    backfill_flow(source="smd", start=datetime(2020, 1, 1, 6), end=datetime(2020, 1, 1, 8, 19))
+    assert {e.late_rows for e in status_flow().entities} == {0}
+    assert load_frame(url, contract, readings, path=Path("again.csv"), skipped=[]).late == ()
 
 
 def test_adaptive_mode_carries_its_state_across_batches_and_runs(readings: pd.DataFrame) -> None:

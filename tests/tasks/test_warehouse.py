@@ -16,10 +16,12 @@ from prefect.states import Failed
 from data_contracts.contract import Contract, SensorRule, load_contract
 from tasks.errors import AtpError, DataContractError
 from tasks.scores_store import (
+    LateRows,
     Watermark,
     anomaly_scores,
     first_provisional,
     get_watermark,
+    late_rows,
     scoring_watermarks,
     write_scores,
 )
@@ -271,6 +273,21 @@ def test_scores_are_replaced_and_the_watermark_never_moves_back(engine: sa.Engin
             move_watermark=False,
         )
         assert get_watermark(conn, "smd", "machine-1", "at") == mark(second[-1], "2")
+
+
+def test_late_rows_are_the_unscored_readings_before_the_watermark(engine: sa.Engine) -> None:
+    upsert_readings(engine, SMD, pd.concat([readings(n=20), readings("machine-2", n=5)]))
+    scored = minutes(0, 9).delete([3, 4])  # rows 3 and 4 arrived after scoring passed them
+    with engine.begin() as conn:
+        write_scores(conn, "smd", scores(scored), mark(scored[-1]))
+        other = minutes(0, 4)
+        write_scores(conn, "smd", scores(other), mark(other[-1], entity="machine-2"))
+    with engine.connect() as conn:
+        late = late_rows(conn, "smd")
+        assert late_rows(conn, "smd", ["machine-2"]) == {}
+    expected = LateRows("machine-1", 2, T0 + pd.Timedelta(minutes=3), scored[-1].to_pydatetime())
+    assert late == {"machine-1": expected}
+    assert str(expected) == "machine-1: 2 rows from 2024-01-01 00:03:00, before 2024-01-01 00:09:00"
 
 
 def test_provisional_scores_are_replaced_but_never_replace_final_ones(engine: sa.Engine) -> None:
