@@ -7,6 +7,7 @@ from prefect import flow
 from tasks.benchmark import (
     BenchmarkTables,
     log_benchmark_task,
+    prepare_out_dir_task,
     run_benchmark_task,
     write_tables_task,
 )
@@ -27,6 +28,7 @@ def benchmark_flow(
 ) -> BenchmarkTables:
     """Write ``benchmark.csv`` and ``benchmark.md`` (default: under ATP_HOME); log to MLflow."""
     settings = get_settings()
+    out = prepare_out_dir_task(Path(out_dir) if out_dir else settings.home / "benchmark")
     run = run_benchmark_task(
         Path(path),
         list(detectors),
@@ -36,7 +38,7 @@ def benchmark_flow(
         anomaly_ratio=anomaly_ratio,
         min_fit_rows=min_fit_rows,
     )
-    tables = write_tables_task(run, Path(out_dir) if out_dir else settings.home / "benchmark")
+    tables = write_tables_task(run, out)
     params = {
         "path": path,
         "layout": layout,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from model.scoring import score_series
 from model.thresholds import conformal_threshold, leaky_reference_threshold
 from model.train import fit
 from tasks.benchmark_entities import MIN_FIT_ROWS, Entity, select_entities
+from tasks.errors import AtpError
 from tasks.fit import tail_sensor_scales
 from tasks.registry import configure_tracking
 from tasks.settings import Settings
@@ -188,6 +190,38 @@ def benchmark_entity(
     return results
 
 
+def _repeated(values: list[Any]) -> list[Any]:
+    return sorted({value for value in values if values.count(value) > 1})
+
+
+def check_options(
+    detectors: list[str], seeds: list[int], alpha: float, anomaly_ratio: float
+) -> None:
+    """Refuse, before any entity is read, options that would crash a run half-way or write a
+    misleading table (a detector or seed counted twice, a seeded detector with no seed).
+
+    Raises:
+        AtpError: naming the option and the values it accepts.
+    """
+    known = [*DETECTORS, AT]
+    unknown = sorted(set(detectors) - set(known))
+    problems = [f"unknown detectors {unknown}: choose from {sorted(known)}"] if unknown else []
+    if not detectors:
+        problems.append(f"no detector given: choose from {sorted(known)}")
+    for name, values in (("detectors", detectors), ("seeds", seeds)):
+        if _repeated(values):
+            problems.append(f"{name} {_repeated(values)} given more than once")
+    needing = [name for name in detectors if name in known and seeded(name)]
+    if needing and not seeds:
+        problems.append(f"no seed given for the seeded detectors {needing}")
+    if not 0.0 < alpha < 1.0:
+        problems.append(f"alpha must be in (0, 1), got {alpha}")
+    if not 0.0 < anomaly_ratio < 100.0:
+        problems.append(f"anomaly_ratio must be a percentage in (0, 100), got {anomaly_ratio}")
+    if problems:
+        raise AtpError("; ".join(problems))
+
+
 def run_benchmark(
     root: Path,
     detectors: list[str],
@@ -199,11 +233,12 @@ def run_benchmark(
     val_fraction: float = 0.2,
     min_fit_rows: int = MIN_FIT_ROWS,
 ) -> BenchmarkRun:
-    """Every detector on every entity of ``root`` (in ``layout``) that can be benchmarked."""
-    known = [*DETECTORS, AT]
-    unknown = sorted(set(detectors) - set(known))
-    if unknown:
-        raise ValueError(f"unknown detectors {unknown}: choose from {sorted(known)}")
+    """Every detector on every entity of ``root`` (in ``layout``) that can be benchmarked.
+
+    Raises:
+        AtpError: bad options (``check_options``); IngestError: nothing to benchmark.
+    """
+    check_options(detectors, seeds, alpha, anomaly_ratio)
     selection = select_entities(root, layout, val_fraction=val_fraction, min_fit_rows=min_fit_rows)
     for skip in selection.skipped:
         log.info("skipped %s", skip)
@@ -229,6 +264,21 @@ def markdown_table(summary: pd.DataFrame) -> str:
         cells = [f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}" for m in METRICS]
         lines.append(f"| {detector} | {int(row['runs'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    """Create ``out_dir`` and check that files can be written there, before a run that may take
+    hours.
+
+    Raises:
+        AtpError: the folder cannot be created or written to.
+    """
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as error:
+        raise AtpError(f"cannot write the benchmark tables to {out_dir}: {error}") from error
+    return out_dir
 
 
 def write_tables(run: BenchmarkRun, out_dir: Path) -> BenchmarkTables:
@@ -263,5 +313,8 @@ def log_benchmark(settings: Settings, tables: BenchmarkTables, params: dict[str,
 
 
 run_benchmark_task = task(name="run-benchmark", cache_policy=NO_CACHE)(run_benchmark)
+prepare_out_dir_task = task(name="prepare-benchmark-out-dir", cache_policy=NO_CACHE)(
+    prepare_out_dir
+)
 write_tables_task = task(name="write-benchmark-tables", cache_policy=NO_CACHE)(write_tables)
 log_benchmark_task = task(name="log-benchmark", cache_policy=NO_CACHE)(log_benchmark)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.errors import IngestError
+from tasks.ingest import _read_labels, _read_values, read_text
 from tasks.loaders import LOADERS
 
 LAYOUTS = ("smd", *LOADERS)
@@ -62,14 +63,30 @@ def smd_machines(root: Path) -> list[str]:
     return found
 
 
+def _finite(values: np.ndarray, where: str, columns: list[str]) -> np.ndarray:
+    """``values`` `(T, C)`; IngestError naming the first non-finite value's column and row."""
+    bad = np.argwhere(~np.isfinite(values))
+    if bad.size:
+        row, column = bad[0]
+        raise IngestError(
+            f"{where}, {columns[column]}, row {row}: {values[row, column]} "
+            f"({len(bad)} non-finite values)"
+        )
+    return values
+
+
 def load_machine(root: Path, name: str) -> Entity:
-    """One SMD machine (any number of sensors); a label count unlike the test rows is an error."""
+    """One SMD machine (any number of sensors, as many in test as in train); a bad file, a
+    non-finite value or a label count unlike the test rows is an IngestError naming the file."""
     (train_file,), (test_file,), (label_file,) = (
         tuple((root / part).glob(f"{name}.txt*")) for part in _SMD_PARTS
     )
-    train = np.loadtxt(train_file, delimiter=",", dtype=np.float64, ndmin=2)
-    test = np.loadtxt(test_file, delimiter=",", dtype=np.float64, ndmin=2)
-    labels = np.loadtxt(label_file, dtype=np.int64, ndmin=1)
+    width = read_text(train_file).split("\n", 1)[0].count(",") + 1
+    columns = [f"value {column}" for column in range(1, width + 1)]
+    train, test = (
+        _finite(_read_values(path, width), str(path), columns) for path in (train_file, test_file)
+    )
+    labels = _read_labels(label_file)
     if labels.shape[0] != test.shape[0]:
         raise IngestError(
             f"{label_file}: {labels.shape[0]} labels for {test.shape[0]} rows of {test_file}"
@@ -83,16 +100,10 @@ def frame_entities(frame: pd.DataFrame, root: Path) -> list[Entity]:
     entities = []
     for name, rows in frame.groupby("entity", sort=False):
         labelled = rows["label"].notna().to_numpy()
-        values = rows[sensors].to_numpy(np.float64)
         if (np.diff(labelled.astype(np.int8)) < 0).any():
             raise IngestError(f"{root}: entity {name!r} has unlabelled rows after labelled ones")
-        bad = np.argwhere(~np.isfinite(values))
-        if bad.size:
-            row, column = bad[0]
-            raise IngestError(
-                f"{root}: entity {name!r}, sensor {sensors[column]!r}, row {row}: "
-                f"{values[row, column]} ({len(bad)} non-finite values)"
-            )
+        where, columns = f"{root}: entity {name!r}", [f"sensor {s!r}" for s in sensors]
+        values = _finite(rows[sensors].to_numpy(np.float64), where, columns)
         n_train = int((~labelled).sum())
         labels = rows["label"].iloc[n_train:].to_numpy(np.int64)
         entities.append(Entity(str(name), values[:n_train], values[n_train:], labels))

@@ -41,3 +41,25 @@ def test_benchmark_command_on_nab(
     assert run.data.params["seeds"] == "(3,)" and run.data.metrics["entities_skipped"] == 2
     assert main(["benchmark", str(tmp_path / "nab"), "--layout=nab", f"--out={out}"]) == 2
     assert "no nab entity to benchmark" in capsys.readouterr().err
+
+
+def test_bad_options_and_an_unwritable_out_exit_2_before_any_detector_runs(
+    tmp_path: Path,
+    mlflow_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("ATP_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    write_nab(tmp_path / "nab")
+    nab = [str(tmp_path / "nab"), "--layout=nab", "--min-fit-rows=12"]
+    assert main(["benchmark", *nab, "--detectors=max_z,lstm"]) == 2
+    assert "unknown detectors ['lstm']" in capsys.readouterr().err
+    assert main(["benchmark", *nab, "--detectors=random", "--seeds=0,0"]) == 2
+    assert "seeds [0] given more than once" in capsys.readouterr().err
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder")
+    assert main(["benchmark", *nab, "--detectors=max_z", f"--out={blocker / 'out'}"]) == 2
+    assert f"cannot write the benchmark tables to {blocker / 'out'}" in capsys.readouterr().err
+    client = MlflowClient(mlflow_uri)
+    assert client.get_experiment_by_name("atp-benchmark") is None  # nothing ran, nothing logged

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tasks.benchmark import run_benchmark, write_tables
-from tasks.errors import IngestError
+from tasks.errors import AtpError, IngestError
 
 TRAIN, TEST = 400, 300
 
@@ -51,7 +51,7 @@ def test_both_protocols_over_machines_and_seeds(tmp_path: Path) -> None:
 
 def test_unknown_detector_and_bad_layouts_are_named(tmp_path: Path) -> None:
     root = write_smd(tmp_path / "smd", ("m-1",))
-    with pytest.raises(ValueError, match="unknown detectors \\['lstm'\\]"):
+    with pytest.raises(AtpError, match="unknown detectors \\['lstm'\\]"):
         run_benchmark(root, ["lstm"], [0])
     with pytest.raises(ValueError, match="unknown layout 'yahoo'"):
         run_benchmark(root, ["pca"], [0], layout="yahoo")
@@ -60,6 +60,55 @@ def test_unknown_detector_and_bad_layouts_are_named(tmp_path: Path) -> None:
     np.savetxt(root / "test_label" / "m-1.txt", np.zeros(TEST - 1), fmt="%d")
     with pytest.raises(IngestError, match=f"{TEST - 1} labels for {TEST} rows"):
         run_benchmark(root, ["pca"], [0])
+
+
+@pytest.mark.parametrize(
+    ("detectors", "seeds", "alpha", "ratio", "message"),
+    [
+        ([], [0], 0.005, 0.5, "no detector given"),
+        (
+            ["random", "max_z"],
+            [],
+            0.005,
+            0.5,
+            "no seed given for the seeded detectors \\['random'\\]",
+        ),
+        (["max_z", "max_z"], [0], 0.005, 0.5, "detectors \\['max_z'\\] given more than once"),
+        (["random"], [1, 1], 0.005, 0.5, "seeds \\[1\\] given more than once"),
+        (["max_z"], [0], 5.0, 0.5, "alpha must be in \\(0, 1\\), got 5.0"),
+        (["max_z"], [0], 0.005, 100.0, "anomaly_ratio must be a percentage in \\(0, 100\\)"),
+    ],
+)
+def test_options_that_would_crash_or_double_count_are_refused_up_front(
+    detectors: list[str], seeds: list[int], alpha: float, ratio: float, message: str
+) -> None:
+    with pytest.raises(AtpError, match=message):  # before the folder is even read
+        run_benchmark(Path("/nonexistent"), detectors, seeds, alpha=alpha, anomaly_ratio=ratio)
+
+
+@pytest.mark.parametrize(
+    ("part", "line", "message"),
+    [
+        ("train", "nan,0.5,0.5", "train/m-1.txt: line 11, value 1 is not a number: 'nan'"),
+        ("train", ",0.5,0.5", "train/m-1.txt: line 11, value 1 is not a number: ''"),
+        ("test", "0.5,0.5", "test/m-1.txt: line 11 has 2 values, expected 3"),
+        ("test", "0.5,inf,0.5", "test/m-1.txt, value 2, row 10: inf \\(1 non-finite values\\)"),
+        ("test_label", "2", "test_label/m-1.txt: line 11 is not a 0/1 label: '2'"),
+    ],
+)
+def test_a_bad_smd_file_is_named_with_its_line(
+    tmp_path: Path, part: str, line: str, message: str
+) -> None:
+    root = write_smd(tmp_path / "smd", ("m-1",))
+    for gz in root.glob("*/m-1.txt.gz"):
+        gz.with_suffix("").write_text(gzip.decompress(gz.read_bytes()).decode())
+        gz.unlink()
+    path = root / part / "m-1.txt"
+    lines = path.read_text().splitlines()
+    lines[10] = line
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(IngestError, match=message):
+        run_benchmark(root, ["max_z"], [0])
 
 
 def test_anomaly_transformer_runs_under_both_protocols(tmp_path: Path) -> None:
