@@ -19,6 +19,11 @@ from model import checkpoint, detector_checkpoint, ensemble
 from model.device import resolve_device
 from model.scoring import ScoreResult
 
+# Windows per scoring batch wherever the pipeline scores (scheduled scoring, calibration, the MLflow
+# pyfunc): on a GPU every batch has this many windows, so a point's score does not depend on the
+# caller.
+BATCH_WINDOWS = 1024
+
 
 class WindowConfig(Protocol):
     """The part of a model's config the pipeline reads."""

@@ -19,8 +19,9 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import AnyType
 
-from model.artifact import ScoringModel, load_scoring_model
+from model.artifact import BATCH_WINDOWS, ScoringModel, load_scoring_model
 from model.scaling import Scaler
 
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -29,6 +30,8 @@ ENTITY_PARAM = "entity"
 SCORE_COLUMN = "score"
 CONTRIBUTION_PREFIX = "contribution_"
 PROVISIONAL_COLUMN = "provisional"
+ENTITY_COLUMN = "entity"
+TS_COLUMN = "ts"
 
 
 def file_sha256(path: Path) -> str:
@@ -38,9 +41,16 @@ def file_sha256(path: Path) -> str:
 
 
 def model_signature(sensors: list[str]) -> ModelSignature:
-    """float32 sensor columns in; float64 score and contributions and the boolean provisional
-    flag out; the entity as a parameter."""
-    inputs = Schema([ColSpec(DataType.float, sensor) for sensor in sensors])
+    """float32 sensor columns (the precision scoring reads from the warehouse) and the optional
+    ``entity`` and ``ts`` (timestamps or their text) columns in; float64 score and contributions
+    and the boolean provisional flag out; the entity as a parameter."""
+    inputs = Schema(
+        [ColSpec(DataType.float, sensor) for sensor in sensors]
+        + [
+            ColSpec(DataType.string, ENTITY_COLUMN, required=False),
+            ColSpec(AnyType(), TS_COLUMN, required=False),  # datetimes or text, any zone
+        ]
+    )
     outputs = Schema(
         [ColSpec(DataType.double, SCORE_COLUMN)]
         + [ColSpec(DataType.double, CONTRIBUTION_PREFIX + sensor) for sensor in sensors]
@@ -50,15 +60,76 @@ def model_signature(sensors: list[str]) -> ModelSignature:
     return ModelSignature(inputs, outputs, params)
 
 
+def input_entity(model_input: pd.DataFrame, params: dict[str, Any] | None) -> str:
+    """``params["entity"]``, else the ``entity`` column's one value; the two must agree.
+
+    Raises:
+        ValueError: the ``entity`` column holds several entities, or another than the one named.
+    """
+    named = str((params or {}).get(ENTITY_PARAM) or "")
+    if ENTITY_COLUMN not in model_input.columns:
+        return named
+    found = list(dict.fromkeys(model_input[ENTITY_COLUMN].astype(str)))
+    if len(found) > 1:
+        raise ValueError(
+            f"column '{ENTITY_COLUMN}' holds rows of {len(found)} entities, e.g. {found[:5]}: "
+            "score one entity's rows per call"
+        )
+    if named and found and found != [named]:
+        raise ValueError(
+            f"column '{ENTITY_COLUMN}' holds {found[0]!r}, params['{ENTITY_PARAM}'] names {named!r}"
+        )
+    return named or "".join(found)
+
+
+def check_readings(frame: pd.DataFrame, raw: np.ndarray, sensors: list[str], win: int) -> None:
+    """Refuse what would score silently wrong or fail deep inside the model.
+
+    Raises:
+        ValueError: fewer than ``win`` rows, an infinite reading, or ``ts`` not strictly increasing,
+            naming the column and the first rows.
+    """
+    if len(raw) < win:
+        raise ValueError(
+            f"{len(raw)} rows: this model scores windows of {win} rows; send at least {win} rows "
+            "of the entity in time order (the first ones are context for the later ones)"
+        )
+    infinite = np.isinf(raw)
+    if infinite.any():
+        column = int(np.flatnonzero(infinite.any(axis=0))[0])
+        rows = np.flatnonzero(infinite[:, column])
+        raise ValueError(
+            f"column {sensors[column]!r} holds {len(rows)} infinite reading(s), rows "
+            f"{rows[:5].tolist()}: send readings as finite numbers, gaps as NaN"
+        )
+    if TS_COLUMN in frame.columns:
+        try:
+            ts = pd.to_datetime(frame[TS_COLUMN]).to_numpy()
+        except (TypeError, ValueError) as error:
+            message = f"column '{TS_COLUMN}' holds values that are no timestamps: {error}"
+            raise ValueError(message) from error
+        unordered = np.flatnonzero(~(ts[1:] > ts[:-1])) + 1
+        if len(unordered):
+            first = int(unordered[0])
+            raise ValueError(
+                f"column '{TS_COLUMN}' is not strictly increasing: {len(unordered)} row(s) not "
+                f"after the row before them, the first is row {first} ({ts[first]} after "
+                f"{ts[first - 1]}); sort the rows by {TS_COLUMN} and drop duplicates"
+            )
+
+
 class AnomalyTransformerPyfunc(PythonModel):
     """Scores one entity's raw readings with the checkpoint's scaler for it and its model: the
     Anomaly Transformer with its scoring method, or the entity's baseline detector.
 
-    ``predict`` takes a frame with one float32 column per sensor (the checkpoint's sensors, rows in
-    time order, at least ``win_size`` of them) and ``params={"entity": <name>}``, the entity whose
-    scaler applies. It returns ``score``, one ``contribution_<sensor>`` column per sensor and
-    ``provisional``: true for the last rows whose score rows after them would still change
-    (``win_size - 1`` rows with the ``recon_mean*`` methods, none otherwise).
+    ``predict`` takes a frame with one float32 column per sensor (the checkpoint's sensors; NaN a
+    gap, filled as in scoring), rows in time order, at least ``win_size`` of them, and
+    ``params={"entity": <name>}``, the entity whose scaler applies. Optional columns ``entity``
+    (one value: it names the entity when params do not) and ``ts`` (strictly increasing) are
+    checked; other columns are ignored. It returns ``score``, one ``contribution_<sensor>``
+    column per sensor and ``provisional``: true for the last rows whose score rows after them
+    would still change (``win_size - 1`` rows with the ``recon_mean*`` methods, none otherwise).
+    Scores equal those ``atp score`` writes for the same rows.
     """
 
     checkpoint: ScoringModel
@@ -85,16 +156,17 @@ class AnomalyTransformerPyfunc(PythonModel):
         extras = self.checkpoint.extras
         sensors = list(extras["sensors"])
         scalers = extras["scalers"]
-        entity = str((params or {}).get(ENTITY_PARAM) or "")
+        entity = input_entity(model_input, params)
         if entity not in scalers:
             raise ValueError(
                 f"params['{ENTITY_PARAM}']={entity!r} names no entity this model was trained on; "
                 f"expected one of {sorted(scalers)}"
             )
         raw = model_input[sensors].to_numpy(np.float64)
+        check_readings(model_input, raw, sensors, self.checkpoint.model_cfg.win_size)
         scaler = Scaler.from_dict(scalers[entity])
         scaled = scaler.transform(scaler.impute(raw))
-        result = self.checkpoint.score(scaled, entity=entity)
+        result = self.checkpoint.score(scaled, entity=entity, batch_size=BATCH_WINDOWS)
         contributions = result.contributions.astype(np.float64)
         columns = {SCORE_COLUMN: result.scores.astype(np.float64)}
         for index, sensor in enumerate(sensors):

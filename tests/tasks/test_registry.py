@@ -23,6 +23,7 @@ from model.detector_checkpoint import SCORING_METHOD, DetectorCheckpoint, fit_de
 from model.network import AnomalyTransformer
 from model.scaling import Scaler
 from model.scoring import score_series
+from tasks import pyfunc_model, scoring
 from tasks.errors import DataContractError, ModelRegistryError, is_transient, retry_if_transient
 from tasks.registry import (
     CHALLENGER,
@@ -198,6 +199,58 @@ def test_pyfunc_loads_by_alias_and_predicts_float32_readings(
         pyfunc.predict(frame)
     with pytest.raises(MlflowException, match="float64"):
         pyfunc.predict(frame.astype(np.float64), params={"entity": "e2"})
+
+
+def test_pyfunc_scores_in_the_batches_of_scheduled_scoring() -> None:
+    """On a GPU every batch is topped up to this many windows, and another batch shape rounds
+    otherwise: the pyfunc's scores would differ from those ``atp score`` writes."""
+    assert pyfunc_model.BATCH_WINDOWS == scoring.BATCH_WINDOWS
+
+
+def test_pyfunc_refuses_odd_frames_naming_the_column_and_rows(
+    artifact_root: Path, tmp_path: Path
+) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    register(tmp_path, 1)
+    promote(NAME)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION}")
+    ts = pd.date_range("2024-03-01", periods=20, freq="1min")
+    frame = readings(3, rows=20).assign(entity="e1", ts=ts)
+    e1 = {"entity": "e1"}
+    scored = pyfunc.predict(frame, params=e1)
+    by_column = pyfunc.predict(frame)  # the entity column names the entity
+    np.testing.assert_array_equal(scored["score"], by_column["score"])
+    mixed = frame.assign(entity=["e1", "e2"] * 10)
+    with pytest.raises(ValueError, match="holds rows of 2 entities, e.g. \\['e1', 'e2'\\]"):
+        pyfunc.predict(mixed, params=e1)
+    with pytest.raises(ValueError, match="holds 'e1', params\\['entity'\\] names 'e2'"):
+        pyfunc.predict(frame, params={"entity": "e2"})
+    repeated = frame.assign(ts=ts.where(ts != ts[5], ts[4]))
+    with pytest.raises(ValueError, match="'ts' is not strictly increasing: 1 row.*row 5"):
+        pyfunc.predict(repeated, params=e1)
+    with pytest.raises(ValueError, match="'ts' is not strictly increasing: 19 row"):
+        pyfunc.predict(frame.iloc[::-1], params=e1)
+    with pytest.raises(ValueError, match="5 rows: this model scores windows of 8 rows"):
+        pyfunc.predict(frame.head(5), params=e1)
+    with pytest.raises(ValueError, match="0 rows: this model scores windows of 8 rows"):
+        pyfunc.predict(frame.head(0), params=e1)
+    infinite = frame.copy()
+    infinite.loc[[3, 7], "s2"] = np.inf
+    with pytest.raises(
+        ValueError, match="column 's2' holds 2 infinite reading\\(s\\), rows \\[3, 7\\]"
+    ):
+        pyfunc.predict(infinite, params=e1)
+    with pytest.raises(MlflowException, match="missing inputs.*s1"):
+        pyfunc.predict(frame.drop(columns="s1"), params=e1)
+    for stamps in (ts.astype(str), ts.tz_localize("Europe/Berlin")):  # as SQL reads them, zoned
+        same = pyfunc.predict(frame.assign(ts=stamps), params=e1)["score"]
+        np.testing.assert_array_equal(same, scored["score"])
+    with pytest.raises(ValueError, match="'ts' holds values that are no timestamps"):
+        pyfunc.predict(frame.assign(ts="soon"), params=e1)
+    shuffled = frame[["ts", "s3", "s1", "s2", "entity"]].assign(note="ignored")
+    np.testing.assert_array_equal(pyfunc.predict(shuffled, params=e1)["score"], scored["score"])
 
 
 def test_pyfunc_flags_the_rows_later_rows_still_change(tmp_path: Path) -> None:
