@@ -129,7 +129,9 @@ class AnomalyTransformerPyfunc(PythonModel):
     checked; other columns are ignored. It returns ``score``, one ``contribution_<sensor>``
     column per sensor and ``provisional``: true for the last rows whose score rows after them
     would still change (``win_size - 1`` rows with the ``recon_mean*`` methods, none otherwise).
-    Scores equal those ``atp score`` writes for the same rows.
+    A row's score is the one ``atp score`` writes when the frame starts at the entity's first row
+    or holds the ``context_points`` rows before it; the first rows of a frame cut from the middle
+    of a series lack that context.
     """
 
     checkpoint: ScoringModel
