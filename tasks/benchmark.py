@@ -195,7 +195,7 @@ def _repeated(values: list[Any]) -> list[Any]:
 
 
 def check_options(
-    detectors: list[str], seeds: list[int], alpha: float, anomaly_ratio: float
+    detectors: list[str], seeds: list[int], alpha: float, anomaly_ratio: float, min_fit_rows: int
 ) -> None:
     """Refuse, before any entity is read, options that would crash a run half-way or write a
     misleading table (a detector or seed counted twice, a seeded detector with no seed).
@@ -218,6 +218,11 @@ def check_options(
         problems.append(f"alpha must be in (0, 1), got {alpha}")
     if not 0.0 < anomaly_ratio < 100.0:
         problems.append(f"anomaly_ratio must be a percentage in (0, 100), got {anomaly_ratio}")
+    if AT in detectors and min_fit_rows < AT_MODEL["win_size"]:
+        problems.append(
+            f"{AT} trains on windows of {AT_MODEL['win_size']} rows: min_fit_rows must be at least "
+            f"that, got {min_fit_rows}"
+        )
     if problems:
         raise AtpError("; ".join(problems))
 
@@ -238,7 +243,7 @@ def run_benchmark(
     Raises:
         AtpError: bad options (``check_options``); IngestError: nothing to benchmark.
     """
-    check_options(detectors, seeds, alpha, anomaly_ratio)
+    check_options(detectors, seeds, alpha, anomaly_ratio, min_fit_rows)
     selection = select_entities(root, layout, val_fraction=val_fraction, min_fit_rows=min_fit_rows)
     for skip in selection.skipped:
         log.info("skipped %s", skip)

@@ -84,6 +84,8 @@ def test_options_that_would_crash_or_double_count_are_refused_up_front(
 ) -> None:
     with pytest.raises(AtpError, match=message):  # before the folder is even read
         run_benchmark(Path("/nonexistent"), detectors, seeds, alpha=alpha, anomaly_ratio=ratio)
+    with pytest.raises(AtpError, match="windows of 100 rows: min_fit_rows must be at least"):
+        run_benchmark(Path("/nonexistent"), ["max_z", "anomaly_transformer"], [0], min_fit_rows=12)
 
 
 @pytest.mark.parametrize(
