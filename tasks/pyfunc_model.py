@@ -3,13 +3,15 @@
 MLflow logs this file as code ("models from code"): it is copied into each registered model and
 run when the model is loaded, so no Python object is unpickled, and ``model/`` travels with it
 through ``code_paths``. It imports only the standard library, numpy, pandas, mlflow and ``model``,
-so a registered model loads where this project is not installed. The project itself loads models
-through ``tasks.registry.load_model_version``, which never runs this file.
+so a registered model loads where this project is not installed, and each version runs the
+``model/`` logged with it, also beside another version in one process. The project itself loads
+models through ``tasks.registry.load_model_version``, which never runs this file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,31 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import AnyType
 
-from model.artifact import BATCH_WINDOWS, ScoringModel, load_scoring_model
-from model.scaling import Scaler
+
+def _sources(package: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(package.glob("*.py"))}
+
+
+def use_logged_model_package(logged: Path) -> None:
+    """Make ``import model`` load ``logged`` (the ``model/`` logged with this version).
+
+    MLflow puts each loaded model's code first on ``sys.path``, but Python reuses the ``model``
+    package a process imported before: another version's, whose code may differ (a champion and
+    a challenger loaded side by side). Forget that package when its sources differ from
+    ``logged``'s; a package with the same sources is kept.
+    """
+    loaded = sys.modules.get("model")
+    if loaded is None or loaded.__file__ is None or not logged.is_dir():
+        return
+    if _sources(Path(loaded.__file__).parent) != _sources(logged):
+        for name in [name for name in sys.modules if name.split(".")[0] == "model"]:
+            del sys.modules[name]
+
+
+use_logged_model_package(Path(__file__).resolve().parent / "code" / "model")
+
+from model.artifact import BATCH_WINDOWS, ScoringModel, load_scoring_model  # noqa: E402
+from model.scaling import Scaler  # noqa: E402
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 SHA256_KEY = "checkpoint_sha256"

@@ -331,6 +331,30 @@ def test_pyfunc_loads_without_the_project_on_the_path(artifact_root: Path, tmp_p
     assert Path(model_file).parts[-3] == "code" and not Path(model_file).is_relative_to(REPO)
 
 
+def test_two_versions_in_one_process_each_run_their_own_model_code(
+    artifact_root: Path, tmp_path: Path
+) -> None:
+    """A champion and a challenger compared side by side: the second loaded used the ``model``
+    package the first had imported (or failed to import a name that package lacked)."""
+    register(tmp_path, 1)
+    register(tmp_path, 2)
+    with (stored_checkpoint(1).parents[1] / "code" / "model" / "artifact.py").open("a") as handle:
+        handle.write("\nOLD_CODE = True\n")  # version 1 logged other model code
+    script = (
+        "import sys, mlflow, numpy as np, pandas as pd\n"
+        "x = pd.DataFrame(np.ones((10, 3), np.float32), columns=['s1', 's2', 's3'])\n"
+        "for version in (1, 2, 1):\n"
+        f"    m = mlflow.pyfunc.load_model(f'models:/{NAME}/{{version}}')\n"
+        "    assert len(m.predict(x, params={'entity': 'e1'})) == 10\n"
+        "    print(hasattr(sys.modules['model.artifact'], 'OLD_CODE'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    command = [sys.executable, "-c", script]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "False", "True"]
+
+
 def test_a_fresh_process_finds_the_models_on_the_default_store(
     tmp_path: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
