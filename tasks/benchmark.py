@@ -211,6 +211,8 @@ def check_options(
     for name, values in (("detectors", detectors), ("seeds", seeds)):
         if _repeated(values):
             problems.append(f"{name} {_repeated(values)} given more than once")
+    if any(seed < 0 for seed in seeds):
+        problems.append(f"seeds must be integers >= 0, got {[seed for seed in seeds if seed < 0]}")
     needing = [name for name in detectors if name in known and seeded(name)]
     if needing and not seeds:
         problems.append(f"no seed given for the seeded detectors {needing}")

@@ -75,6 +75,7 @@ def test_unknown_detector_and_bad_layouts_are_named(tmp_path: Path) -> None:
         ),
         (["max_z", "max_z"], [0], 0.005, 0.5, "detectors \\['max_z'\\] given more than once"),
         (["random"], [1, 1], 0.005, 0.5, "seeds \\[1\\] given more than once"),
+        (["random"], [0, -1], 0.005, 0.5, "seeds must be integers >= 0, got \\[-1\\]"),
         (["max_z"], [0], 5.0, 0.5, "alpha must be in \\(0, 1\\), got 5.0"),
         (["max_z"], [0], 0.005, 100.0, "anomaly_ratio must be a percentage in \\(0, 100\\)"),
     ],
