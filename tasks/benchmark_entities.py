@@ -48,19 +48,25 @@ class Selection:
     skipped: list[str]
 
 
-def smd_machines(root: Path) -> list[str]:
-    """Machines with ``train/``, ``test/`` and ``test_label/`` files (``.txt`` or ``.txt.gz``)."""
-    names = {p.name.split(".txt")[0] for p in (root / "train").glob("*.txt*")}
-    found = sorted(
-        n
-        for n in names
-        if list((root / "test").glob(f"{n}.txt*")) and list((root / "test_label").glob(f"{n}.txt*"))
-    )
+def smd_machines(root: Path) -> tuple[list[str], list[str]]:
+    """Machines with ``train/``, ``test/`` and ``test_label/`` files (``.txt`` or ``.txt.gz``), and
+    ``"<machine>: no <part>/ file"`` for each machine that lacks one."""
+    parts = {
+        part: {path.name.split(".txt")[0] for path in (root / part).glob("*.txt*")}
+        for part in _SMD_PARTS
+    }
+    names = set().union(*parts.values())
+    found = sorted(name for name in names if all(name in held for held in parts.values()))
+    skipped = [
+        f"{name}: no {' or '.join(f'{part}/' for part, held in parts.items() if name not in held)} "
+        "file"
+        for name in sorted(names - set(found))
+    ]
     if not found:
         raise IngestError(
             f"{root}: no machine has train/, test/ and test_label/ files (SMD layout)"
         )
-    return found
+    return found, skipped
 
 
 def _finite(values: np.ndarray, where: str, columns: list[str]) -> np.ndarray:
@@ -117,7 +123,8 @@ def read_entities(root: Path, layout: str) -> tuple[list[Entity], list[str]]:
     if layout == "smd":
         if (root / "ServerMachineDataset").is_dir():
             root = root / "ServerMachineDataset"
-        return [load_machine(root, name) for name in smd_machines(root)], []
+        found, skipped = smd_machines(root)
+        return [load_machine(root, name) for name in found], skipped
     load = LOADERS[layout](root)
     return frame_entities(load.frame, root), list(load.skipped)
 

@@ -114,6 +114,16 @@ def test_a_bad_smd_file_is_named_with_its_line(
         run_benchmark(root, ["max_z"], [0])
 
 
+def test_an_incomplete_smd_machine_is_listed_as_skipped(tmp_path: Path) -> None:
+    root = write_smd(tmp_path / "smd", ("m-1", "m-2", "m-3"))
+    (root / "train" / "m-2.txt.gz").unlink()
+    (root / "test" / "m-3.txt.gz").unlink()
+    (root / "test_label" / "m-3.txt").unlink()
+    run = run_benchmark(root, ["max_z"], [0])
+    assert list(run.rows["entity"]) == ["m-1"]
+    assert run.skipped == ["m-2: no train/ file", "m-3: no test/ or test_label/ file"]
+
+
 def test_anomaly_transformer_runs_under_both_protocols(tmp_path: Path) -> None:
     run = run_benchmark(write_smd(tmp_path / "smd", ("m-1",)), ["anomaly_transformer"], [0])
     (row,) = run.rows.to_dict("records")
