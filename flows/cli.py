@@ -174,7 +174,9 @@ def _parser() -> argparse.ArgumentParser:
         default="random,pca,max_z,knn",
         help="comma-separated (add 'anomaly_transformer')",
     )
-    benchmark.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    benchmark.add_argument(
+        "--seeds", type=_whole_numbers, default="0,1,2", help="comma-separated seeds"
+    )
     benchmark.add_argument("--alpha", type=float, default=0.005, help="honest false-alarm rate")
     benchmark.add_argument(
         "--anomaly-ratio", type=float, default=0.5, help="reference protocol's percentage"
@@ -276,6 +278,13 @@ def _csv(text: str, kind: type = str) -> tuple[Any, ...]:
     return tuple(kind(part.strip()) for part in text.split(",") if part.strip())
 
 
+def _whole_numbers(text: str) -> tuple[int, ...]:
+    try:
+        return _csv(text, int)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated whole numbers: {text!r}") from None
+
+
 def _run(args: argparse.Namespace) -> object:
     from flows import operations, report
     from flows.benchmark import benchmark_flow
@@ -320,7 +329,7 @@ def _run(args: argparse.Namespace) -> object:
             return benchmark_flow(
                 args.path,
                 detectors=_csv(args.detectors),
-                seeds=_csv(args.seeds, int),
+                seeds=args.seeds,
                 alpha=args.alpha,
                 anomaly_ratio=args.anomaly_ratio,
                 out_dir=args.out,

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.errors import IngestError
-from tasks.ingest import _read_labels, _read_values, read_text
+from tasks.ingest import read_label_lines, read_number_rows, read_text
 from tasks.loaders import LOADERS
 
 LAYOUTS = ("smd", *LOADERS)
@@ -90,9 +90,10 @@ def load_machine(root: Path, name: str) -> Entity:
     width = read_text(train_file).split("\n", 1)[0].count(",") + 1
     columns = [f"value {column}" for column in range(1, width + 1)]
     train, test = (
-        _finite(_read_values(path, width), str(path), columns) for path in (train_file, test_file)
+        _finite(read_number_rows(path, width), str(path), columns)
+        for path in (train_file, test_file)
     )
-    labels = _read_labels(label_file)
+    labels = read_label_lines(label_file)
     if labels.shape[0] != test.shape[0]:
         raise IngestError(
             f"{label_file}: {labels.shape[0]} labels for {test.shape[0]} rows of {test_file}"

@@ -98,7 +98,7 @@ def read_text(path: Path) -> str:
     return text
 
 
-def _read_values(path: Path, width: int) -> np.ndarray:
+def read_number_rows(path: Path, width: int) -> np.ndarray:
     """A headerless comma-separated file of exactly ``width`` numbers per line, as float64;
     blank lines at the end are ignored, any other line of another width is refused."""
     text = read_text(path).rstrip()
@@ -126,7 +126,7 @@ def _not_a_number(path: Path, lines: list[str], error: ValueError) -> IngestErro
     return IngestError(f"{path}: {error}")
 
 
-def _read_labels(path: Path) -> np.ndarray:
+def read_label_lines(path: Path) -> np.ndarray:
     """One 0/1 label per line (blank lines at the end are ignored)."""
     lines = read_text(path).rstrip().splitlines()
     for number, line in enumerate(lines, start=1):
@@ -158,9 +158,9 @@ def _read_machine(
     name: str, files: dict[str, Path], sensors: list[str], cadence: int
 ) -> pd.DataFrame:
     """Train rows then test rows as one series; label null on train rows, 0/1 on test rows."""
-    train = _read_values(files["train"], len(sensors))
-    test = _read_values(files["test"], len(sensors))
-    labels = _read_labels(files["test_label"])
+    train = read_number_rows(files["train"], len(sensors))
+    test = read_number_rows(files["test"], len(sensors))
+    labels = read_label_lines(files["test_label"])
     if len(labels) != len(test):
         raise IngestError(
             f"{files['test_label']}: {len(labels)} labels, but {files['test']} has {len(test)} rows"

@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from sqlalchemy.engine import Connection, Engine
 
 from data_contracts import Contract
-from model.artifact import ScoringModel
+from model.artifact import BATCH_WINDOWS, ScoringModel
 from model.scaling import Scaler
 from model.thresholds import p_values
 from tasks.adaptive_threshold import DEFAULT_GAMMA, apply_adaptive
@@ -44,7 +44,6 @@ from tasks.warehouse import get_engine, read_readings, read_transaction
 
 log = logging.getLogger(__name__)
 TOP_SENSORS = 3
-BATCH_WINDOWS = 1024
 # Rows of consecutive entities validated in one Great Expectations run (its cost is per run).
 VALIDATION_ROWS = 200_000
 ThresholdMode = Literal["static", "adaptive"]

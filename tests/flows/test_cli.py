@@ -205,6 +205,17 @@ def test_counts_below_their_least_value_are_refused_by_the_parser(
     )
 
 
+def test_seeds_that_are_no_whole_numbers_are_refused_by_the_parser(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert _parser().parse_args(["benchmark", "root"]).seeds == (0, 1, 2)
+    assert _parser().parse_args(["benchmark", "root", "--seeds=4, 5"]).seeds == (4, 5)
+    with pytest.raises(SystemExit) as exited:
+        _parser().parse_args(["benchmark", "root", "--seeds=1,a"])
+    assert exited.value.code == 2
+    assert "argument --seeds: not comma-separated whole numbers: '1,a'" in capsys.readouterr().err
+
+
 def test_dotenv_settings_are_read_as_prefect_reads_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -23,7 +23,6 @@ from model.detector_checkpoint import SCORING_METHOD, DetectorCheckpoint, fit_de
 from model.network import AnomalyTransformer
 from model.scaling import Scaler
 from model.scoring import score_series
-from tasks import pyfunc_model, scoring
 from tasks.errors import DataContractError, ModelRegistryError, is_transient, retry_if_transient
 from tasks.registry import (
     CHALLENGER,
@@ -199,12 +198,6 @@ def test_pyfunc_loads_by_alias_and_predicts_float32_readings(
         pyfunc.predict(frame)
     with pytest.raises(MlflowException, match="float64"):
         pyfunc.predict(frame.astype(np.float64), params={"entity": "e2"})
-
-
-def test_pyfunc_scores_in_the_batches_of_scheduled_scoring() -> None:
-    """On a GPU every batch is topped up to this many windows, and another batch shape rounds
-    otherwise: the pyfunc's scores would differ from those ``atp score`` writes."""
-    assert pyfunc_model.BATCH_WINDOWS == scoring.BATCH_WINDOWS
 
 
 def test_pyfunc_refuses_odd_frames_naming_the_column_and_rows(
