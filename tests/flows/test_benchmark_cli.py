@@ -17,15 +17,19 @@ def test_benchmark_layouts_are_the_loaders() -> None:
     assert BENCHMARK_LAYOUTS == list(LAYOUTS)
 
 
-def test_benchmark_command_on_nab(
-    tmp_path: Path,
-    mlflow_uri: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+@pytest.fixture
+def nab_home(tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A NAB folder at ``tmp_path / "nab"``, with ATP_HOME and the MLflow store set."""
     monkeypatch.setenv("ATP_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     write_nab(tmp_path / "nab")
+    return tmp_path
+
+
+def test_benchmark_command_on_nab(
+    nab_home: Path, mlflow_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tmp_path = nab_home
     options = ["--layout=nab", "--detectors=max_z,random", "--seeds=3", "--anomaly-ratio=5"]
     out = tmp_path / "out"
     assert (
@@ -44,14 +48,9 @@ def test_benchmark_command_on_nab(
 
 
 def test_bad_options_and_an_unwritable_out_exit_2_before_any_detector_runs(
-    tmp_path: Path,
-    mlflow_uri: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    nab_home: Path, mlflow_uri: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("ATP_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
-    write_nab(tmp_path / "nab")
+    tmp_path = nab_home
     nab = [str(tmp_path / "nab"), "--layout=nab", "--min-fit-rows=12"]
     assert main(["benchmark", *nab, "--detectors=max_z,lstm"]) == 2
     assert "unknown detectors ['lstm']" in capsys.readouterr().err

@@ -306,6 +306,15 @@ def test_a_baseline_registers_loads_and_serves_the_pyfunc_like_the_transformer(
     assert not np.allclose(e1, out["score"])  # each entity has its own detector
 
 
+def _run_outside_the_project(script: str, cwd: Path) -> str:
+    """Standard output of ``python -c script`` run in ``cwd`` without PYTHONPATH; it must pass."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    command = [sys.executable, "-c", script]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
 def test_pyfunc_loads_without_the_project_on_the_path(artifact_root: Path, tmp_path: Path) -> None:
     register(tmp_path, 1)
     promote(NAME)
@@ -315,11 +324,7 @@ def test_pyfunc_loads_without_the_project_on_the_path(artifact_root: Path, tmp_p
         "x = pd.DataFrame(np.ones((10, 3), np.float32), columns=['s1', 's2', 's3'])\n"
         "print(len(m.predict(x, params={'entity': 'e1'})), sys.modules['model'].__file__)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    command = [sys.executable, "-c", script]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows, model_file = done.stdout.split()[-2:]
+    rows, model_file = _run_outside_the_project(script, tmp_path).split()[-2:]
     assert rows == "10"
     assert Path(model_file).parts[-3] == "code" and not Path(model_file).is_relative_to(REPO)
 
@@ -341,11 +346,7 @@ def test_two_versions_in_one_process_each_run_their_own_model_code(
         "    assert len(m.predict(x, params={'entity': 'e1'})) == 10\n"
         "    print(hasattr(sys.modules['model.artifact'], 'OLD_CODE'))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    command = [sys.executable, "-c", script]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["True", "False", "True"]
+    assert _run_outside_the_project(script, tmp_path).split() == ["True", "False", "True"]
 
 
 def test_a_fresh_process_finds_the_models_on_the_default_store(
