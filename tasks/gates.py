@@ -20,7 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import TRANSIENT_RETRIES
-from tasks.registry import CHAMPION, DETECTOR_TAG, get_alias_version, promote
+from tasks.registry import CHAMPION, DETECTOR_TAG, alias_lock, get_alias_version, move_champion
 from tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,24 @@ def gate_and_promote(
     force: bool = False,
 ) -> GateDecision:
     """Decide on ``version`` against the current champion, log it on ``version``'s run, and move
-    ``champion`` to ``version`` if it passed (or ``force``)."""
+    ``champion`` to ``version`` if it passed (or ``force``); under :func:`alias_lock`, so that the
+    champion cannot move between the comparison and the promotion."""
+    with alias_lock(model_name):
+        decision = _gate(model_name, version, metric, margin, false_alarm_budget, force)
+        if decision.promoted:
+            move_champion(model_name, version)
+    return decision
+
+
+def _gate(
+    model_name: str,
+    version: int,
+    metric: str,
+    margin: float,
+    false_alarm_budget: float,
+    force: bool,
+) -> GateDecision:
+    """The decision on ``version`` against the champion now, logged on ``version``'s run."""
     client = MlflowClient(get_settings().mlflow_tracking_uri)
     challenger = client.get_model_version(model_name, str(version))
     run_id = challenger.run_id
@@ -192,8 +209,6 @@ def gate_and_promote(
         "promote" if decision.promoted else "keep",
         decision.reason,
     )
-    if decision.promoted:
-        promote(model_name, version)
     return decision
 
 

@@ -12,9 +12,11 @@ scheduled run, ``atp promote``) finds the models that training registered.
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -23,17 +25,20 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 import numpy as np
 import pandas as pd
+import sqlalchemy as sa
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
-from mlflow.entities import Metric
+from mlflow.entities import LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
 from packaging.version import Version
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.context import get_task_and_flow_run_ids
 
 import model
 from model.artifact import ScoringModel, load_scoring_model
 from tasks.errors import TRANSIENT_RETRIES, ModelRegistryError
+from tasks.locks import file_lock
 from tasks.pyfunc_model import (
     CHECKPOINT_ARTIFACT,
     ENTITY_PARAM,
@@ -42,6 +47,7 @@ from tasks.pyfunc_model import (
     model_signature,
 )
 from tasks.settings import get_settings
+from tasks.warehouse import connect, get_engine, warehouse_url
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -53,6 +59,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 SHA256_TAG = "checkpoint_sha256"
 DETECTOR_TAG = "detector"
+FLOW_RUN_TAG = "prefect_flow_run_id"
 MODEL_ARTIFACT = "model"
 FIGURES_DIR = "figures"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -183,6 +190,9 @@ def log_and_register(
     checksum = file_sha256(checkpoint_path)
     example = None if input_example is None else _example(checkpoint, input_example)
     run_tags, experiment_id = dict(tags or {}), found.experiment_id
+    _, flow_run_id = get_task_and_flow_run_ids()
+    if flow_run_id is not None:  # what end_killed_runs finds it by if this process is killed
+        run_tags[FLOW_RUN_TAG] = str(flow_run_id)
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=run_tags) as run:
         mlflow.log_params(flatten_params(params))
         mlflow.log_metrics(dict(metrics))
@@ -244,8 +254,39 @@ def set_alias(model_name: str, alias: str, version: int) -> None:
     client.set_registered_model_alias(model_name, alias, str(version))
 
 
+@contextmanager
+def alias_lock(model_name: str) -> Iterator[None]:
+    """Hold the right to move ``model_name``'s ``champion``, waiting for its holder if any.
+
+    MLflow cannot compare and set an alias, so whoever reads the champion and then moves it (the
+    promotion gate, :func:`promote`) does both under this lock: two promotions at once act one
+    after the other, each on the champion the other left. On a PostgreSQL warehouse, which every
+    worker shares, it is a session advisory lock there; on SQLite a file lock under ATP_HOME. A
+    killed holder's lock is released with its connection or process.
+    """
+    settings = get_settings()
+    if warehouse_url(settings.warehouse_url).get_backend_name() != "postgresql":
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", model_name)
+        with file_lock(settings.home / "locks" / f"aliases-{name}.lock"):
+            yield
+        return
+    key = sa.func.hashtext(f"model-aliases\x1f{model_name}")
+    with connect(get_engine(settings.warehouse_url)) as conn:
+        conn.execute(sa.select(sa.func.pg_advisory_lock(key)))
+        try:
+            yield
+        finally:
+            conn.execute(sa.select(sa.func.pg_advisory_unlock(key)))
+
+
 def promote(model_name: str, version: int | None = None) -> int | None:
     """Move ``champion`` to ``version`` (default: the challenger); return the previous champion."""
+    with alias_lock(model_name):
+        return move_champion(model_name, version)
+
+
+def move_champion(model_name: str, version: int | None = None) -> int | None:
+    """:func:`promote` for a caller that holds :func:`alias_lock`."""
     target = version if version is not None else get_alias_version(model_name, CHALLENGER)
     if target is None:
         raise ModelRegistryError(f"nothing to promote: model {model_name!r} has no {CHALLENGER!r}")
@@ -253,6 +294,26 @@ def promote(model_name: str, version: int | None = None) -> int | None:
     set_alias(model_name, CHAMPION, target)
     log.info("%s: %s moved from version %s to %s", model_name, CHAMPION, previous, target)
     return previous
+
+
+def end_killed_runs(tracking_uri: str, flow_run_id: str, experiment: str = EXPERIMENT) -> int:
+    """Mark ``KILLED`` the MLflow runs that flow run ``flow_run_id`` left ``RUNNING`` (its process
+    was killed while logging), and ``FAILED`` the models they left ``PENDING``; how many runs."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return 0
+    ids = [found.experiment_id]
+    query = f"tags.{FLOW_RUN_TAG} = '{flow_run_id}' and attributes.status = 'RUNNING'"
+    runs = client.search_runs(ids, filter_string=query)
+    for run in runs:
+        run_id = run.info.run_id
+        for logged in client.search_logged_models(ids, filter_string=f"source_run_id = '{run_id}'"):
+            if logged.status == LoggedModelStatus.PENDING:
+                client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        client.set_terminated(run_id, "KILLED")
+        log.warning("MLflow run %s of killed flow run %s: KILLED", run_id, flow_run_id)
+    return len(runs)
 
 
 def _download_checkpoint(client: MlflowClient, model_name: str, version: int, into: Path) -> Path:

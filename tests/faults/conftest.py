@@ -12,7 +12,8 @@ from typing import Any
 import pandas as pd
 import pytest
 import sqlalchemy as sa
-from fault_workers import SMD, local_model, readings, save_tiny_checkpoint
+from fault_workers import MODEL_NAME, SMD, local_model, readings, save_tiny_checkpoint
+from mlflow import MlflowClient
 
 from tasks.scores_store import anomaly_scores, scoring_watermarks
 from tasks.scoring import score_rows
@@ -42,6 +43,40 @@ def loaded_warehouse(warehouse_url: str) -> str:
     ensure_schema(warehouse_url, SMD)
     upsert_readings(warehouse_url, SMD, readings(ROWS, entities=("machine-1",)))
     return warehouse_url
+
+
+@pytest.fixture
+def training_env(tmp_path: Path, sqlite_url: str, mlflow_uri: str) -> dict[str, str]:
+    """Settings of a training child: a fresh ATP_HOME and MLflow store, a SQLite warehouse
+    holding ``ROWS`` readings of each entity."""
+    ensure_schema(sqlite_url, SMD)
+    upsert_readings(sqlite_url, SMD, readings(ROWS))
+    return {
+        "ATP_HOME": str(tmp_path / "home"),
+        "ATP_WAREHOUSE_URL": sqlite_url,
+        "MLFLOW_TRACKING_URI": mlflow_uri,
+        "ATP_MODEL_NAME": MODEL_NAME,
+    }
+
+
+@pytest.fixture
+def api_url(prefect_api: None) -> str:
+    """The session's temporary Prefect API, for flows run in children."""
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
+
+
+def mlflow_runs(env: dict[str, str]) -> list[Any]:
+    """Every MLflow run of the store ``env`` names."""
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def logged_models(env: dict[str, str]) -> list[Any]:
+    """Every MLflow logged model of the store ``env`` names."""
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    return client.search_logged_models([e.experiment_id for e in client.search_experiments()])
 
 
 def count(url: str, table: str) -> int:

@@ -7,6 +7,7 @@ the environment of the moment the server started, not the test's.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -18,10 +19,13 @@ import sqlalchemy as sa
 import torch
 
 from data_contracts import load_contract
+from flows.params import CalibrationParams, ModelParams, TrainFlowParams, TrainingParams
+from flows.training import training_flow
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.network import AnomalyTransformer
 from model.scaling import Scaler
+from tasks.gates import gate_and_promote
 from tasks.load import ingest_table
 from tasks.registry import LoadedModel
 from tasks.scoring import backfill_range, score_new_rows
@@ -31,7 +35,13 @@ SMD = load_contract("smd")
 ENTITIES = ("machine-1", "machine-2")
 T0 = datetime(2024, 1, 1)
 MODEL_NAME = "fault-model"
-PRELOAD = ["tasks.load", "tasks.scoring", "fault_workers"]
+PRELOAD = ["tasks.load", "tasks.scoring", "flows.training", "fault_workers"]
+# Training small enough to take seconds on the CPU, scored on the readings' last rows.
+TINY_TRAINING = TrainFlowParams(
+    models=[ModelParams(win_size=20, d_model=16, n_heads=2, e_layers=1, d_ff=16)],
+    training=TrainingParams(max_epochs=1, max_steps=10, batch_size=32, stride=2, device="cpu"),
+    calibration=CalibrationParams(alpha=0.02),
+)
 
 
 def fork_server() -> Any:
@@ -139,3 +149,24 @@ def _signal_on_stage(event: Any) -> Any:
             event.set()
 
     return listener
+
+
+def train(env: dict[str, str], api_url: str, detector: str, barrier: Any = None) -> None:
+    """``atp train --model detector`` on the tiny network, with settings ``env``, on the Prefect
+    API at ``api_url``."""
+    from prefect.settings import temporary_settings
+
+    torch.set_num_threads(1)
+    os.environ.update(env)
+    if barrier is not None:
+        barrier.wait()
+    with temporary_settings(updates={"api.url": api_url}):
+        training_flow(TINY_TRAINING.model_copy(update={"detector": detector}))
+
+
+def gate(env: dict[str, str], version: int, barrier: Any = None) -> None:
+    """The promotion gate of ``atp train --promote`` on ``version`` of ``MODEL_NAME``."""
+    os.environ.update(env)
+    if barrier is not None:
+        barrier.wait()
+    gate_and_promote(MODEL_NAME, version)

@@ -1,9 +1,11 @@
-"""SIGKILL the scoring, backfill and ingest work mid-write; the next run ends exactly clean."""
+"""SIGKILL the scoring, backfill, ingest and training work mid-write; the next run ends exactly
+clean."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from conftest import (
@@ -13,11 +15,23 @@ from conftest import (
     clean_scores,
     count,
     kill_once,
+    logged_models,
+    mlflow_runs,
     stored_scores,
     watermarks,
 )
-from fault_workers import SMD, backfill_all, fork_server, ingest_file, readings, score_all
+from fault_workers import (
+    MODEL_NAME,
+    SMD,
+    backfill_all,
+    fork_server,
+    ingest_file,
+    readings,
+    score_all,
+    train,
+)
 
+from tasks.registry import CHALLENGER, load_model_version
 from tasks.warehouse import read_readings
 
 CONTEXT = fork_server()
@@ -82,3 +96,25 @@ def test_ingest_killed_mid_load_writes_nothing_and_the_rerun_loads_once(
     assert len(stored) == len(frame)
     expected = frame[SMD.sensor_names].astype("float32")
     pd.testing.assert_frame_equal(stored[SMD.sensor_names], expected)
+
+
+def test_training_killed_while_logging_then_rerun_leaves_nothing_open(
+    training_env: dict[str, str], api_url: str, monkeypatch: Any
+) -> None:
+    """Killed with its MLflow run open: the next training marks that run KILLED, removes the
+    killed run's files and registers a model that loads."""
+    child = CONTEXT.Process(target=train, args=(training_env, api_url, "max_z"))
+    running = lambda: any(r.info.status == "RUNNING" for r in mlflow_runs(training_env))  # noqa: E731
+    kill_once(child, running, random.uniform(0, 0.5))
+    assert [r.info.status for r in mlflow_runs(training_env)] == ["RUNNING"]
+    again = CONTEXT.Process(target=train, args=(training_env, api_url, "max_z"))
+    again.start()
+    again.join(120)
+    assert again.exitcode == 0
+    assert sorted(r.info.status for r in mlflow_runs(training_env)) == ["FINISHED", "KILLED"]
+    statuses = [str(m.status) for m in logged_models(training_env)]
+    assert "PENDING" not in statuses and "READY" in statuses
+    assert list((Path(training_env["ATP_HOME"]) / "runs" / "smd").iterdir()) == []
+    for name, value in training_env.items():
+        monkeypatch.setenv(name, value)
+    assert load_model_version(MODEL_NAME, CHALLENGER).extras["detector"] == "max_z"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 
 from flows.benchmark import benchmark_flow
@@ -61,8 +62,10 @@ def test_per_entity_calibration_gate_and_leaky_reference(
     assert {f"test_fpr_normal.{e}" for e in entities} <= set(metrics)
     assert 0.0 <= metrics["control_random_auc_pr"] <= 1.0 and "control_random_pa_f1" in metrics
     assert tags["gate.decision"] == "promoted" and tags["leaks_test_data"] == "false"
-    plots = sorted((tmp_path / "home" / "runs" / "smd" / "plots").glob("*.png"))
+    figures = download_artifacts(run_id=first.run_id, artifact_path="figures", dst_path=tmp_path)
+    plots = sorted(Path(figures).glob("*.png"))
     assert len(plots) == 2 and matplotlib.image.imread(plots[0]).shape[2] in (3, 4)
+    assert list((tmp_path / "home" / "runs" / "smd").iterdir()) == [], "a training run left files"
 
     leaky = tiny_training.model_copy(
         update={"calibration": CalibrationParams(method="reference", alpha=0.02)}
