@@ -213,7 +213,7 @@ def log_and_register(
     detector = str(checkpoint.extras.get("detector", "anomaly_transformer"))
     version_tags = {SHA256_TAG: checksum, DETECTOR_TAG: detector}
     version = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
-    set_alias(model_name, CHALLENGER, int(version.version))
+    name_challenger(model_name, int(version.version))
     log.info("registered %s version %s (run %s)", model_name, version.version, run.info.run_id)
     uri = f"models:/{model_name}/{version.version}"
     return RegisteredModel(model_name, int(version.version), run.info.run_id, uri, checksum)
@@ -254,9 +254,18 @@ def set_alias(model_name: str, alias: str, version: int) -> None:
     client.set_registered_model_alias(model_name, alias, str(version))
 
 
+def name_challenger(model_name: str, version: int) -> None:
+    """Point ``challenger`` at ``version``, the newest registered, unless a training that ran at
+    once registered a newer one and named it first (under :func:`alias_lock`)."""
+    with alias_lock(model_name):
+        current = get_alias_version(model_name, CHALLENGER)
+        if current is None or current < version:
+            set_alias(model_name, CHALLENGER, version)
+
+
 @contextmanager
 def alias_lock(model_name: str) -> Iterator[None]:
-    """Hold the right to move ``model_name``'s ``champion``, waiting for its holder if any.
+    """Hold the right to move ``model_name``'s aliases, waiting for its holder if any.
 
     MLflow cannot compare and set an alias, so whoever reads the champion and then moves it (the
     promotion gate, :func:`promote`) does both under this lock: two promotions at once act one

@@ -35,6 +35,7 @@ from tasks.registry import (
     get_alias_version,
     load_model_version,
     log_and_register,
+    name_challenger,
     promote,
     set_alias,
 )
@@ -141,6 +142,16 @@ def test_register_twice_gives_two_versions_with_challenger_on_the_second(
     requirements = (stored_checkpoint(2).parents[1] / "requirements.txt").read_text().split()
     assert "torch==2.13.0" in requirements and not any("+" in r for r in requirements)
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_training_that_registers_last_never_names_an_older_challenger(
+    artifact_root: Path, tmp_path: Path
+) -> None:
+    """Two trainings at once: version 1's run may reach its alias after version 2's did."""
+    register(tmp_path, 1)
+    register(tmp_path, 2)
+    name_challenger(NAME, 1)
+    assert get_alias_version(NAME, CHALLENGER) == 2
 
 
 def test_promote_moves_champion_and_returns_the_previous(
