@@ -29,7 +29,7 @@ from model.thresholds import (
 )
 from tasks.errors import DataContractError
 from tasks.evaluate import labelled_scores
-from tasks.scoring import BATCH_WINDOWS
+from model.artifact import BATCH_WINDOWS
 from tasks.warehouse import get_engine, read_readings
 from tasks.windowing import DatasetRef
 

@@ -94,6 +94,7 @@ def common_extras(dataset: DatasetRef, detector: str, scoring_method: str) -> di
         "source": dataset.source,
         "detector": detector,
         "sensors": list(dataset.sensors),
+        "nullable_sensors": list(dataset.nullable),
         "scalers": {name: scaler.to_dict() for name, scaler in dataset.scalers().items()},
         "scoring_method": scoring_method,
         "training_profiles": training_profiles(dataset),

@@ -107,26 +107,30 @@ def input_entity(model_input: pd.DataFrame, params: dict[str, Any] | None) -> st
     return named or "".join(found)
 
 
-def check_readings(frame: pd.DataFrame, raw: np.ndarray, sensors: list[str], win: int) -> None:
+def check_readings(
+    frame: pd.DataFrame,
+    raw: np.ndarray,
+    sensors: list[str],
+    win: int,
+    nullable: list[str] | None = None,
+) -> None:
     """Refuse what would score silently wrong or fail deep inside the model.
 
     Raises:
-        ValueError: fewer than ``win`` rows, an infinite reading, or ``ts`` not strictly increasing,
-            naming the column and the first rows.
+        ValueError: fewer than ``win`` rows, an infinite reading, a gap (NaN) in a sensor not in
+            ``nullable`` (``None``: a model trained before it was recorded, any sensor may have
+            gaps), or ``ts`` not strictly increasing, naming the column and the first rows.
     """
     if len(raw) < win:
         raise ValueError(
             f"{len(raw)} rows: this model scores windows of {win} rows; send at least {win} rows "
             "of the entity in time order (the first ones are context for the later ones)"
         )
-    infinite = np.isinf(raw)
-    if infinite.any():
-        column = int(np.flatnonzero(infinite.any(axis=0))[0])
-        rows = np.flatnonzero(infinite[:, column])
-        raise ValueError(
-            f"column {sensors[column]!r} holds {len(rows)} infinite reading(s), rows "
-            f"{rows[:5].tolist()}: send readings as finite numbers, gaps as NaN"
-        )
+    _refuse_cells(np.isinf(raw), sensors, "infinite reading(s)", "send finite numbers, gaps as NaN")
+    if nullable is not None:
+        gaps = np.isnan(raw) & ~np.isin(sensors, nullable)[None, :]
+        why = "its data contract does not declare it nullable, so it must always report"
+        _refuse_cells(gaps, sensors, "missing reading(s) (NaN)", why)
     if TS_COLUMN in frame.columns:
         try:
             ts = pd.to_datetime(frame[TS_COLUMN]).to_numpy()
@@ -143,17 +147,28 @@ def check_readings(frame: pd.DataFrame, raw: np.ndarray, sensors: list[str], win
             )
 
 
+def _refuse_cells(bad: np.ndarray, sensors: list[str], what: str, why: str) -> None:
+    """ValueError naming the first column of ``bad`` `(T, C)` that holds a cell, and its rows."""
+    if bad.any():
+        column = int(np.flatnonzero(bad.any(axis=0))[0])
+        rows = np.flatnonzero(bad[:, column])
+        raise ValueError(
+            f"column {sensors[column]!r} holds {len(rows)} {what}, rows {rows[:5].tolist()}: {why}"
+        )
+
+
 class AnomalyTransformerPyfunc(PythonModel):
     """Scores one entity's raw readings with the checkpoint's scaler for it and its model: the
     Anomaly Transformer with its scoring method, or the entity's baseline detector.
 
     ``predict`` takes a frame with one float32 column per sensor (the checkpoint's sensors; NaN a
-    gap, filled as in scoring), rows in time order, at least ``win_size`` of them, and
-    ``params={"entity": <name>}``, the entity whose scaler applies. Optional columns ``entity``
-    (one value: it names the entity when params do not) and ``ts`` (strictly increasing) are
-    checked; other columns are ignored. It returns ``score``, one ``contribution_<sensor>``
-    column per sensor and ``provisional``: true for the last rows whose score rows after them
-    would still change (``win_size - 1`` rows with the ``recon_mean*`` methods, none otherwise).
+    gap of a sensor its contract declares nullable, filled as in scoring), rows in time order, at
+    least ``win_size`` of them, and ``params={"entity": <name>}``, the entity whose scaler
+    applies. Optional columns ``entity`` (one value: it names the entity when params do not) and
+    ``ts`` (strictly increasing) are checked; other columns are ignored. It returns ``score``,
+    one ``contribution_<sensor>`` column per sensor and ``provisional``: true for the last rows
+    whose score rows after them would still change (``win_size - 1`` rows with the
+    ``recon_mean*`` methods, none otherwise).
     A row's score is the one ``atp score`` writes when the frame starts at the entity's first row
     or holds the ``context_points`` rows before it; the first rows of a frame cut from the middle
     of a series lack that context.
@@ -190,7 +205,8 @@ class AnomalyTransformerPyfunc(PythonModel):
                 f"expected one of {sorted(scalers)}"
             )
         raw = model_input[sensors].to_numpy(np.float64)
-        check_readings(model_input, raw, sensors, self.checkpoint.model_cfg.win_size)
+        nullable = extras.get("nullable_sensors")
+        check_readings(model_input, raw, sensors, self.checkpoint.model_cfg.win_size, nullable)
         scaler = Scaler.from_dict(scalers[entity])
         scaled = scaler.transform(scaler.impute(raw))
         result = self.checkpoint.score(scaled, entity=entity, batch_size=BATCH_WINDOWS)

@@ -50,6 +50,7 @@ class DatasetRef:
     sensors: tuple[str, ...]
     splits: tuple[EntitySplit, ...]
     skipped: tuple[str, ...]
+    nullable: tuple[str, ...] = ()  # sensors the contract lets have gaps
 
     @property
     def entities(self) -> list[str]:
@@ -174,7 +175,10 @@ def build_dataset(
     for reason in skipped:
         log.warning("skipped entity %s", reason)
     (out_dir / "scalers.json").write_text(json.dumps(scalers))
-    ref = DatasetRef(out_dir, contract.name, tuple(sensors), tuple(splits), tuple(skipped))
+    nullable = tuple(rule.name for rule in contract.sensors if rule.nullable)
+    ref = DatasetRef(
+        out_dir, contract.name, tuple(sensors), tuple(splits), tuple(skipped), nullable
+    )
     (out_dir / "index.json").write_text(
         json.dumps(
             {"source": ref.source, "splits": [s.__dict__ for s in splits], "skipped": skipped}

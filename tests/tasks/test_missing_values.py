@@ -57,6 +57,7 @@ def test_gaps_of_a_nullable_sensor_train_as_the_training_mean(
 ) -> None:
     frame = _readings(slice(20, 30))
     dataset = _dataset(sqlite_url, frame, tmp_path / "dataset")
+    assert dataset.nullable == ("flow",)  # the checkpoint's nullable_sensors (common_extras)
     fit, val = dataset.load("P1")
     assert np.isfinite(fit).all() and np.isfinite(val).all()
     np.testing.assert_array_equal(fit[20:30, 1], 0.0)

@@ -61,6 +61,7 @@ def make_checkpoint(path: Path, seed: int, scoring_method: str = "recon_last") -
         "contract_version": 1,
         "code_version": "test",
         "sensors": SENSORS,
+        "nullable_sensors": ["s3"],
         "scalers": scalers,
         "scoring_method": scoring_method,
         "threshold": 0.5,
@@ -246,6 +247,12 @@ def test_pyfunc_refuses_odd_frames_naming_the_column_and_rows(
         ValueError, match="column 's2' holds 2 infinite reading\\(s\\), rows \\[3, 7\\]"
     ):
         pyfunc.predict(infinite, params=e1)
+    gaps = frame.copy()
+    gaps.loc[[2, 4], "s3"] = np.nan  # s3 is nullable: filled as scoring fills it
+    assert np.isfinite(pyfunc.predict(gaps, params=e1)["score"]).all()
+    gaps.loc[[6], "s1"] = np.nan
+    with pytest.raises(ValueError, match="column 's1' holds 1 missing reading.*rows \\[6\\]: its"):
+        pyfunc.predict(gaps, params=e1)
     with pytest.raises(MlflowException, match="missing inputs.*s1"):
         pyfunc.predict(frame.drop(columns="s1"), params=e1)
     for stamps in (ts.astype(str), ts.tz_localize("Europe/Berlin")):  # as SQL reads them, zoned
