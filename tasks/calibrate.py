@@ -20,7 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data_contracts import Contract
-from model.artifact import ScoringModel, load_scoring_model
+from model.artifact import BATCH_WINDOWS, ScoringModel, load_scoring_model
 from model.thresholds import (
     conformal_threshold,
     leaky_reference_threshold,
@@ -29,7 +29,6 @@ from model.thresholds import (
 )
 from tasks.errors import DataContractError
 from tasks.evaluate import labelled_scores
-from model.artifact import BATCH_WINDOWS
 from tasks.warehouse import get_engine, read_readings
 from tasks.windowing import DatasetRef
 
