@@ -14,6 +14,7 @@ from tasks.scoring import (
     ThresholdMode,
     backfill_bounds,
     backfill_range_task,
+    check_model_source,
     score_new_rows_task,
 )
 from tasks.settings import get_settings
@@ -44,6 +45,7 @@ def scoring_flow(
     contract = load_contract(source)
     options = ScoringOptions(threshold_mode, event_gap, event_min_length)
     loaded = load_model_version_task(settings.model_name, alias)
+    check_model_source(loaded, contract)
     groups = split_entities(list_entities_task(settings.warehouse_url, contract), partitions)
     return map_partitions(
         score_new_rows_task,
@@ -82,6 +84,7 @@ def backfill_flow(
     options = ScoringOptions(event_gap=event_gap, event_min_length=event_min_length)
     start, end = backfill_bounds(start, end)
     loaded = load_model_version_task(settings.model_name, alias)
+    check_model_source(loaded, contract)
     groups = split_entities(list_entities_task(settings.warehouse_url, contract), partitions)
     return map_partitions(
         backfill_range_task,

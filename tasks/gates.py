@@ -67,8 +67,13 @@ def decide(
     false_alarm_budget: float,
     leaks_test_data: bool,
     champion_version: int | None = None,
+    champion_source: str | None = None,
 ) -> GateDecision:
     """The gate's rule on two runs' logged metrics (``champion`` None: no champion yet).
+
+    ``champion_source``: the source the champion was trained on, given when it is not the
+    challenger's; such a champion is never replaced (its metrics are on other data, and scoring
+    its source with the challenger would fail).
 
     A challenger evaluated on no labelled data (no ``test_*`` metrics) is promoted only when
     there is no champion yet, so that a first model can serve; the reason says it was unchecked.
@@ -83,6 +88,14 @@ def decide(
         best = None
     if leaks_test_data:
         passed, reason = False, "calibrated with the leaky 'reference' method (it reads test data)"
+    elif champion_source is not None:
+        passed, reason = (
+            False,
+            (
+                f"the champion was trained on source {champion_source!r}, this model on another; "
+                "keep one registered model per source (ATP_MODEL_NAME)"
+            ),
+        )
     elif math.isnan(rate):
         passed = champion is None
         reason = "no labelled evaluation range: " + (
@@ -184,10 +197,14 @@ def _gate(
     champion_version = get_alias_version(model_name, CHAMPION)
     champion = None
     detectors = {"gate.challenger_detector": challenger.tags.get(DETECTOR_TAG, "")}
+    champion_source = None
     if champion_version is not None and champion_version != version:
         held = client.get_model_version(model_name, str(champion_version))
-        champion = client.get_run(held.run_id).data.metrics
+        held_run = client.get_run(held.run_id)
+        champion = held_run.data.metrics
         detectors["gate.champion_detector"] = held.tags.get(DETECTOR_TAG, "")
+        sources = (held_run.data.params.get("source"), run.data.params.get("source"))
+        champion_source = sources[0] if None not in sources and len(set(sources)) == 2 else None
     decision = decide(
         run.data.metrics,
         champion,
@@ -196,6 +213,7 @@ def _gate(
         false_alarm_budget=false_alarm_budget,
         leaks_test_data=run.data.tags.get(LEAK_TAG) == "true",
         champion_version=champion_version,
+        champion_source=champion_source,
     )
     if force and not decision.promoted:
         decision = GateDecision(**{**asdict(decision), "promoted": True, "forced": True})

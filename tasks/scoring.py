@@ -436,6 +436,24 @@ def score_new_rows(
     )
 
 
+def check_model_source(loaded: LoadedModel, contract: Contract) -> None:
+    """AtpError unless ``loaded`` was trained on ``contract``'s source and every sensor it reads
+    is still in the contract (a model without a recorded source is taken as it is)."""
+    trained_on = loaded.extras.get("source")
+    model = f"model {loaded.name!r} version {loaded.version}"
+    if trained_on is not None and trained_on != contract.name:
+        raise AtpError(
+            f"{model} was trained on source {trained_on!r}, not {contract.name!r}: keep one "
+            "registered model per source (ATP_MODEL_NAME), or score with another --alias"
+        )
+    missing = sorted(set(loaded.extras["sensors"]) - set(contract.sensor_names))
+    if missing:
+        raise AtpError(
+            f"{model} reads sensors {missing} that contract {contract.name!r} no longer has: "
+            "train a new model on the contract as it is"
+        )
+
+
 def backfill_bounds(
     start: datetime | None, end: datetime | None
 ) -> tuple[datetime | None, datetime | None]:

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 import torch
 
-from data_contracts.contract import load_contract
+from data_contracts.contract import contract_from_dict, load_contract
 from flows.operations import events_flow, status_flow
 from flows.scoring import backfill_flow, scoring_flow
 from model.adaptive import AciState, aci_scores
@@ -35,6 +35,7 @@ from tasks.ingest import read_smd
 from tasks.load import load_frame
 from tasks.registry import configure_tracking, load_model_version, log_and_register, set_alias
 from tasks.scores_store import anomaly_scores
+from tasks.scoring import check_model_source
 from tasks.settings import get_settings
 from tasks.warehouse import ensure_schema, get_engine, readings_table, upsert_readings
 
@@ -228,6 +229,22 @@ def test_rows_that_arrive_behind_the_watermark_are_reported_until_a_backfill_sco
     backfill_flow(source="smd", start=datetime(2020, 1, 1, 6), end=datetime(2020, 1, 1, 8, 19))
     assert {e.late_rows for e in status_flow().entities} == {0}
     assert load_frame(url, contract, readings, path=Path("again.csv"), skipped=[]).late == ()
+
+
+def test_a_champion_of_another_source_or_sensors_is_refused_before_scoring(
+    readings: pd.DataFrame,
+) -> None:
+    loaded = load_model_version(get_settings().model_name, "champion")
+    smd = load_contract("smd")
+    check_model_source(loaded, smd)
+    pumps = contract_from_dict({"name": "pumps", "version": 1, "sensors": {"columns": ["p"]}})
+    with pytest.raises(AtpError, match="trained on source 'smd', not 'pumps': keep one registered"):
+        check_model_source(loaded, pumps)
+    fewer = contract_from_dict(
+        {"name": "smd", "version": 2, "sensors": {"columns": smd.sensor_names[1:]}}
+    )
+    with pytest.raises(AtpError, match="reads sensors \\['m01'\\] that contract 'smd' no longer"):
+        check_model_source(loaded, fewer)
 
 
 def test_adaptive_mode_carries_its_state_across_batches_and_runs(readings: pd.DataFrame) -> None:

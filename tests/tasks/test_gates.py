@@ -67,11 +67,14 @@ def client(mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
     return client
 
 
-def _register(client: MlflowClient, metrics: dict[str, float], leaks: bool = False) -> int:
+def _register(
+    client: MlflowClient, metrics: dict[str, float], leaks: bool = False, source: str = "smd"
+) -> int:
     experiment = client.get_experiment_by_name("gate") or client.get_experiment(
         client.create_experiment("gate")
     )
     run = client.create_run(experiment.experiment_id, tags={"leaks_test_data": str(leaks).lower()})
+    client.log_param(run.info.run_id, "source", source)
     for key, value in metrics.items():
         client.log_metric(run.info.run_id, key, value)
     version = client.create_model_version(NAME, f"runs:/{run.info.run_id}/model", run.info.run_id)
@@ -122,6 +125,20 @@ def test_leaky_or_over_budget_challenger_is_refused(client: MlflowClient) -> Non
     assert "leaky" in gate_and_promote(NAME, leaky).reason
     assert "budget" in gate_and_promote(NAME, noisy, false_alarm_budget=0.01).reason
     assert get_alias_version(NAME, CHAMPION) == first
+
+
+def test_a_champion_of_another_source_is_never_replaced_unless_forced(
+    client: MlflowClient,
+) -> None:
+    """One registered model name for two sources: the champion's metrics are on other data,
+    and scoring its source with the challenger would fail."""
+    first = _register(client, _metrics(0.40, 0.003), source="smd")
+    set_alias(NAME, CHAMPION, first)
+    other = _register(client, _metrics(0.90, 0.003), source="pumps")
+    decision = gate_and_promote(NAME, other)
+    assert not decision.promoted and get_alias_version(NAME, CHAMPION) == first
+    assert "champion was trained on source 'smd'" in decision.reason
+    assert gate_and_promote(NAME, other, force=True).forced
 
 
 def test_unevaluated_challenger_is_promoted_only_without_a_champion() -> None:
