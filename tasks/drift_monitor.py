@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from sqlalchemy.engine import Connection
 
 from model.drift import TrainingProfile, detect_drift, exceedance_test
+from model.scaling import Scaler
 from tasks.alarm_rule import alarm_rule
 from tasks.alarm_tables import drift_flags, entity_filter
 from tasks.scores_store import Watermark
@@ -73,6 +74,14 @@ class DriftState:
     drifted_sensors: list[str]
 
 
+def profile_units(scaler: Scaler, values: np.ndarray) -> np.ndarray:
+    """Raw readings ``(T, C)`` as a training profile holds them: rebuilt from the float32 scaled
+    copy that training keeps (:func:`tasks.fit.training_profiles`), so that a reading equal to a
+    training value stays equal to it (a discrete sensor's levels would otherwise differ by float32
+    rounding and every batch would look shifted)."""
+    return scaler.transform(values).astype(np.float64) * scaler.scale + scaler.mean
+
+
 def _sensor_explanation(
     profile: TrainingProfile, values: np.ndarray, sensors: list[str], rules: DriftRules
 ) -> dict[str, Any]:
@@ -95,7 +104,8 @@ def check_batch(
     scores: np.ndarray,
     rules: DriftRules = DriftRules(),
 ) -> DriftCheck:
-    """Test one batch: raw readings ``(T, C)`` in the model's sensor order and their scores."""
+    """Test one batch: raw readings ``(T, C)`` in the model's sensor order (gaps filled) and
+    their scores."""
     rule = alarm_rule(extras, entity)
     test = exceedance_test(
         scores,
@@ -110,8 +120,12 @@ def check_batch(
         log.info("drift check of %s: %s", entity, NO_PROFILE)
         statistics["note"] = NO_PROFILE
     else:
+        scaler = Scaler.from_dict(extras["scalers"][entity])
         statistics |= _sensor_explanation(
-            TrainingProfile.from_dict(profile), values, list(extras["sensors"]), rules
+            TrainingProfile.from_dict(profile),
+            profile_units(scaler, values),
+            list(extras["sensors"]),
+            rules,
         )
     return DriftCheck(test.flagged, test.rate, rule.alpha, test.p_value, statistics)
 

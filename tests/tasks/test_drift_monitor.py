@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,10 +11,13 @@ import pandas as pd
 from data_contracts import load_contract
 from model.adaptive import AciState, aci_scores
 from model.drift import TrainingProfile
+from model.scaling import Scaler
 from tasks.adaptive_threshold import apply_adaptive, load_state
 from tasks.drift_monitor import NO_PROFILE, check_batch, latest_drift, record_drift
+from tasks.fit import training_profiles
 from tasks.scores_store import Watermark
-from tasks.warehouse import ensure_schema, get_engine
+from tasks.warehouse import ensure_schema, get_engine, read_readings, upsert_readings
+from tasks.windowing import build_dataset
 
 SMD = load_contract("smd")
 SENSORS = ["a", "b", "c"]
@@ -26,6 +30,7 @@ def _extras(*, profiled: bool = True) -> dict:
     profiles = {"e1": TrainingProfile.fit(TRAIN).to_dict()} if profiled else {}
     return {
         "sensors": SENSORS,
+        "scalers": {"e1": Scaler.fit(TRAIN).to_dict()},
         "threshold": float(np.quantile(CALIBRATION, 0.99)),
         "calibration": {"alpha": 0.01},
         "calibration_scores": CALIBRATION.tolist(),
@@ -45,6 +50,36 @@ def test_the_flag_is_the_score_test_and_sensors_explain_it() -> None:
     blind = check_batch(_extras(profiled=False), "e1", values, RNG.normal(size=500) + 2.5)
     assert blind.flag and blind.statistics["note"] == NO_PROFILE
     assert "most_shifted" not in blind.statistics
+
+
+def test_discrete_sensors_at_their_training_levels_have_not_moved(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Levels such as 0.1, 0.2 (and a constant sensor) read again from the warehouse: the profile
+    training stores must hold the same levels, not float32-rounded neighbours of them."""
+    sensors = SMD.sensor_names
+    rng = np.random.default_rng(3)
+    levels = rng.integers(0, 11, size=(2000, len(sensors))) / 10
+    levels[:, 0] = 0.3  # constant in training
+    frame = pd.DataFrame(levels, columns=sensors)
+    frame.insert(0, "ts", pd.date_range("2024-01-01", periods=2000, freq="min"))
+    frame.insert(0, "entity", "e1")
+    frame["label"] = None
+    ensure_schema(get_engine(sqlite_url), SMD)
+    upsert_readings(sqlite_url, SMD, frame)
+    dataset = build_dataset(sqlite_url, SMD, tmp_path / "ds", win_size=10, val_fraction=0.2)
+    extras = _extras() | {
+        "sensors": sensors,
+        "scalers": {e: s.to_dict() for e, s in dataset.scalers().items()},
+        "training_profiles": training_profiles(dataset),
+    }
+    batch = read_readings(sqlite_url, SMD, entity="e1")[sensors].to_numpy(np.float64)
+    check = check_batch(extras, "e1", batch, np.zeros(len(batch)))  # the same readings
+    assert check.statistics["sensors_rejected"] == 0
+    assert max(d for _, d, _ in check.statistics["most_shifted"]) < 0.05
+    batch[:, 0] = 0.4  # the constant sensor moved
+    moved = check_batch(extras, "e1", batch, np.zeros(len(batch))).statistics
+    assert moved["sensors_rejected"] == 1 and moved["most_shifted"][0][:2] == [sensors[0], 1.0]
 
 
 def _mark(entity: str, last: str, version: str = "1") -> Watermark:
