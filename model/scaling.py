@@ -83,6 +83,10 @@ class Scaler:
         standard = (array - self.mean) / self.scale
         return np.clip(standard, -STANDARD_SCORE_LIMIT, STANDARD_SCORE_LIMIT).astype(np.float32)
 
+    def inverse_transform(self, scaled: np.ndarray) -> np.ndarray:
+        """Raw float64 values of standardised ``scaled`` `(T, C)`."""
+        return np.asarray(scaled, np.float64) * self.scale + self.mean
+
     def to_dict(self) -> dict[str, Any]:
         return {"mean": self.mean.tolist(), "scale": self.scale.tolist()}
 

@@ -79,7 +79,7 @@ def profile_units(scaler: Scaler, values: np.ndarray) -> np.ndarray:
     copy that training keeps (:func:`tasks.fit.training_profiles`), so that a reading equal to a
     training value stays equal to it (a discrete sensor's levels would otherwise differ by float32
     rounding and every batch would look shifted)."""
-    return scaler.transform(values).astype(np.float64) * scaler.scale + scaler.mean
+    return scaler.inverse_transform(scaler.transform(values))
 
 
 def _sensor_explanation(

@@ -48,8 +48,7 @@ def training_profiles(dataset: DatasetRef) -> dict[str, dict[str, Any]]:
     profiles = {}
     for entity in dataset.entities:
         scaler, (fit_part, _) = scalers[entity], dataset.load(entity)
-        raw = fit_part.astype(np.float64) * scaler.scale + scaler.mean
-        profiles[entity] = TrainingProfile.fit(raw).to_dict()
+        profiles[entity] = TrainingProfile.fit(scaler.inverse_transform(fit_part)).to_dict()
     return profiles
 
 
