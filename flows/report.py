@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from rich.console import Console
@@ -12,6 +13,9 @@ from tasks.errors import AtpError
 from tasks.settings import get_settings
 
 console = Console()
+# Rich cuts tables to 80 columns when stdout is no terminal (a pipe, a log) and COLUMNS is unset,
+# leaving headers such as `last_…`; print those that wide instead.
+UNCUT_WIDTH = 250
 
 
 def _table_of_records(records: list[Any], title: str) -> Table:
@@ -29,27 +33,42 @@ def _cell(value: Any) -> str:
         return f"{value:.4g}"
     if isinstance(value, dict):
         return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)) and value and all(_is_pair(v) for v in value):
+        return ", ".join(f"{k}={_cell(v)}" for k, v in value)  # top_sensors: (sensor, share)
     if isinstance(value, (list, tuple)):
         return ", ".join(_cell(v) for v in value) if len(value) <= 8 else f"{len(value)} items"
     return "" if value is None else str(value)
 
 
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str)
+
+
+def _print(renderable: Any) -> None:
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console.width = UNCUT_WIDTH
+    console.print(renderable)
+
+
 def print_result(result: Any) -> None:
     """Render a flow's return value: a dataclass, a list of them, or a status with sub-tables."""
-    if isinstance(result, list) and result and dataclasses.is_dataclass(result[0]):
-        console.print(_table_of_records(result, type(result[0]).__name__))
+    if isinstance(result, list) and not result:
+        _print("(none)")
+        return
+    if isinstance(result, list) and dataclasses.is_dataclass(result[0]):
+        _print(_table_of_records(result, type(result[0]).__name__))
         return
     if not dataclasses.is_dataclass(result):
-        console.print(result)
+        _print(result)
         return
     scalars = Table(title=type(result).__name__, show_header=False)
     for field in dataclasses.fields(result):
         value = getattr(result, field.name)
         if isinstance(value, (list, tuple)) and value and dataclasses.is_dataclass(value[0]):
-            console.print(_table_of_records(list(value), field.name))
+            _print(_table_of_records(list(value), field.name))
         else:
             scalars.add_row(field.name, _cell(value))
-    console.print(scalars)
+    _print(scalars)
 
 
 def print_demo_epilogue() -> None:

@@ -267,3 +267,44 @@ def test_empty_settings_take_their_defaults(
     assert settings.home == tmp_path / ".atp"
     assert settings.warehouse_url == f"sqlite:///{tmp_path / '.atp' / 'warehouse.db'}"
     assert settings.model_name == "anomaly-transformer"
+
+
+def test_tables_are_not_cut_when_stdout_is_no_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Piped or logged, `atp status`/`atp events` keep every header whole (rich cut them at 80)."""
+    from dataclasses import dataclass
+
+    from flows.report import print_result
+
+    @dataclass
+    class Row:
+        source: str
+        entity: str
+        last_ts: str
+        scored_until: str
+        unscored_rows: int
+        late_rows: int
+        anomalies: int
+        open_events: int
+        top_sensors: list[tuple[str, float]]
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    row = Row(
+        "plant",
+        "compressor-A",
+        "2024-03-02 23:59:00",
+        "2024-03-02 23:59:00",
+        0,
+        120,
+        149,
+        0,
+        [("vibration", 0.9904), ("flow", 0.0081)],
+    )
+    print_result([row])
+    out = capsys.readouterr().out
+    for header in ("last_ts", "scored_until", "unscored_rows", "late_rows", "open_events"):
+        assert header in out
+    assert "vibration=0.9904, flow=0.0081" in out
+    print_result([])
+    assert capsys.readouterr().out.strip() == "(none)"
