@@ -114,8 +114,8 @@ def _sensor_entries(
             "no missing values"
             if not missing
             else (
-                f"{missing:.2%} missing, so nullable (training and scoring need complete rows: "
-                "fill the gaps upstream or drop the sensor)"
+                f"{missing:.2%} missing, so nullable (each gap takes the entity's training mean "
+                "in training and scoring; a sensor that never reports in training is refused)"
             )
         )
         why.append(
