@@ -61,7 +61,8 @@ class PcaDetector(Standardised):
     """Sum over channels of the squared residual after projection onto the principal components.
 
     Keeps the fewest components whose cumulative share of the training variance is at least
-    ``variance``, or exactly ``n_components`` when given.
+    ``variance`` but never all of them (no residual would be left to score: one channel, or a few
+    independent ones), or exactly ``n_components`` when given.
     """
 
     name = "pca"
@@ -87,7 +88,7 @@ class PcaDetector(Standardised):
             keep = min(self.n_components, basis.shape[0])
         elif explained.sum() > 0:
             share = np.cumsum(explained) / explained.sum()
-            keep = int(np.searchsorted(share, self.variance - 1e-12)) + 1
+            keep = min(int(np.searchsorted(share, self.variance - 1e-12)) + 1, len(share) - 1)
         else:
             keep = 0
         self.components = basis[:keep]

@@ -63,6 +63,18 @@ def test_pca_by_hand() -> None:
     assert detector.score([[1.0, -1.0], [2.0, 2.0]]) == pytest.approx([2.0, 0.0], abs=1e-12)
 
 
+def test_pca_leaves_a_residual_to_score_where_every_component_is_needed() -> None:
+    """One channel, or independent ones: 95 % of the variance needs every component, which would
+    leave a residual of 0 everywhere (a detector that never alarms)."""
+    rng = np.random.default_rng(0)
+    univariate = PcaDetector().fit(rng.normal(5.0, 2.0, (200, 1)))
+    assert univariate.components.shape == (0, 1)
+    assert univariate.score([[5.0], [9.0]]) == pytest.approx([0.0, 4.0], abs=0.5)
+    independent = PcaDetector().fit(rng.standard_normal((500, 4)))
+    assert independent.components.shape == (3, 4)
+    assert (independent.score(rng.standard_normal((50, 4)) * 3) > 1e-6).all()
+
+
 def test_knn_by_hand() -> None:
     # Standardised train is itself; full windows (-1, 1), (1, -1), (-1, 1).
     detector = KnnDetector(window=2, k=2, stride=1).fit([[-1.0], [1.0], [-1.0], [1.0]])
