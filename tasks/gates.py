@@ -203,8 +203,9 @@ def _gate(
         held_run = client.get_run(held.run_id)
         champion = held_run.data.metrics
         detectors["gate.champion_detector"] = held.tags.get(DETECTOR_TAG, "")
-        sources = (held_run.data.params.get("source"), run.data.params.get("source"))
-        champion_source = sources[0] if None not in sources and len(set(sources)) == 2 else None
+        theirs, ours = held_run.data.params.get("source"), run.data.params.get("source")
+        if None not in (theirs, ours) and theirs != ours:
+            champion_source = theirs
     decision = decide(
         run.data.metrics,
         champion,

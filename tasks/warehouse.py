@@ -197,14 +197,26 @@ def read_transaction(bind: Bind) -> AbstractContextManager[Connection]:
 
 @contextmanager
 def _reading(bind: Bind, contract: Contract) -> Iterator[Connection]:
-    """A read transaction on ``contract``'s readings; AtpError if the source was never loaded."""
+    """A read transaction on ``contract``'s readings; AtpError if a read fails because the source
+    was never loaded (the table is looked up only then, not before every read)."""
     with read_transaction(bind) as conn:
-        if not sa.inspect(conn).has_table(contract.table_name):
-            raise AtpError(
-                f"no readings of source {contract.name!r} in the warehouse (no table "
-                f"{contract.table_name}): load them first (atp ingest)"
-            )
-        yield conn
+        try:
+            yield conn
+        except sa.exc.DBAPIError as error:
+            if _table_is_missing(conn.engine, contract.table_name):
+                raise AtpError(
+                    f"no readings of source {contract.name!r} in the warehouse (no table "
+                    f"{contract.table_name}): load them first (atp ingest)"
+                ) from error
+            raise
+
+
+def _table_is_missing(engine: Engine, name: str) -> bool:
+    """Whether ``name`` is surely absent (False when the warehouse cannot tell now)."""
+    try:
+        return not sa.inspect(engine).has_table(name)
+    except sa.exc.DBAPIError:
+        return False
 
 
 def readings_table(contract: Contract, metadata: sa.MetaData) -> sa.Table:
